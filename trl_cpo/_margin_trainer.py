@@ -1,0 +1,282 @@
+"""Wiring shared by `CPOTrainer` and `ECPOCTrainer`: a per-pair reference margin on top of TRL's DPOTrainer.
+
+Both losses equal DPO's sigmoid loss with the reference log-odds raised by a per-pair constant:
+
+    -log sigmoid(beta * (delta_pi - delta_ref) - margin) = -log sigmoid(beta * (delta_pi - (delta_ref + margin/beta)))
+
+so the trainers compute `margin` once from the frozen reference (`_precompute_ref_logps`, run by DPOTrainer for the
+train set, every eval set, and sets passed to `evaluate`), and at each step hand DPOTrainer's own loss code a batch
+whose `ref_chosen_logps` carries that shift. The forward pass, log-prob aggregation, PEFT, reference handling and
+saving all stay DPOTrainer's. What the shift would distort, the `rewards/*` metrics, is recomputed with DPO's meaning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import IterableDataset
+from transformers.trainer_utils import get_last_checkpoint
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import get_config_model_id
+
+from ._config_utils import logger, upgrade_dpo_config
+from .metrics import ref_misaligned_fraction, u_fraction
+from .model_card import method_card_section
+from .reference import (
+    ReferenceLogps,
+    ReferenceMarginCheckpoint,
+    checkpoint_reference_path,
+    completion_lengths,
+    compute_reference_logps,
+    with_columns,
+)
+
+#: Dataset column (and batch key) holding the per-pair margin, in logit units.
+MARGIN_COLUMN = "reference_margin"
+
+
+@dataclass
+class ReferenceMarginCollator:
+    """Wrap a preference collator so the precomputed `reference_margin` column reaches the batch as a tensor."""
+
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if MARGIN_COLUMN not in examples[0]:
+            return self.collator(examples)
+        margins = torch.tensor([example[MARGIN_COLUMN] for example in examples], dtype=torch.float32)
+        batch = self.collator([{k: v for k, v in ex.items() if k != MARGIN_COLUMN} for ex in examples])
+        batch[MARGIN_COLUMN] = margins
+        return batch
+
+
+class _PolicyLogpsRecorder:
+    """Keep the per-token log-probs of the policy's fused-head forward made inside `recording()`.
+
+    DPOTrainer reduces the policy log-probs to a scalar loss; the U-fraction and the DPO-meaning rewards need them per
+    pair. A forward hook on the outermost model sees the output of that one forward (DDP, FSDP and DeepSpeed call the
+    module through `__call__`), so no second forward is needed.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self._active = False
+        self.log_probs: torch.Tensor | None = None
+        self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        if self._active and kwargs.get("fused_lm_head") and self.log_probs is None:
+            self.log_probs = output.log_probs.detach()
+
+    @contextlib.contextmanager
+    def recording(self):
+        self._active, self.log_probs = True, None
+        try:
+            yield self
+        finally:
+            self._active = False
+
+    def sequence_logps(self, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.log_probs is None:
+            raise RuntimeError(
+                "trl_cpo could not observe the policy's log-probs: DPOTrainer's forward no longer went through the "
+                "model's fused LM head. This TRL version is not supported; please report it."
+            )
+        # Same reduction as DPOTrainer without ld_alpha (rejected by the config): the fused head already zeroes
+        # non-completion positions, so a plain sum over the (shifted) sequence is the completion log-prob.
+        seq_len = completion_mask.size(1) - 1
+        return self.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+
+
+class _ReferenceMarginTrainer(DPOTrainer):
+    """DPOTrainer whose loss target is raised by a per-pair margin computed once from the frozen reference."""
+
+    config_class: type[DPOConfig]
+    #: Name of the logged per-batch mean of the method's precomputed quantity.
+    margin_metric_name: str
+
+    def __init__(
+        self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None, **kwargs
+    ):
+        args = self._resolve_args(args, model)
+        if isinstance(train_dataset, IterableDataset):
+            raise ValueError(
+                f"{type(self).__name__} needs a map-style `datasets.Dataset` for `train_dataset`: the reference margin is "
+                "precomputed per pair before training, which an IterableDataset cannot hold. Materialize it with "
+                "`Dataset.from_generator(...)` or load it without `streaming=True`."
+            )
+        #: Reference log-probs of each precomputed dataset, keyed by name ("train", "eval", or the eval dict keys).
+        self.reference_logps: dict[str, ReferenceLogps] = {}
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            **kwargs,
+        )
+        self.data_collator = ReferenceMarginCollator(self.data_collator)
+        self._policy_logps = _PolicyLogpsRecorder(self.model)
+        self.add_callback(ReferenceMarginCheckpoint(self))
+
+    @classmethod
+    def _resolve_args(cls, args, model):
+        config_cls = cls.config_class
+        if args is None:
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            return config_cls(f"{str(name).split('/')[-1]}-{config_cls._method_name}")
+        if isinstance(args, config_cls):
+            return args
+        if type(args) is DPOConfig:
+            return upgrade_dpo_config(args, config_cls)
+        raise TypeError(
+            f"{cls.__name__} takes a {config_cls.__name__} (or a plain trl.DPOConfig, which is upgraded); got "
+            f"{type(args).__name__}."
+        )
+
+    # -- the method-specific part -------------------------------------------------------------------------------------
+
+    def reference_margin(self, ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor) -> torch.Tensor:
+        """Per-pair margin in logit units from reference log-probs in the loss's space. Subclasses define it."""
+        raise NotImplementedError
+
+    def margin_metric(self, margin: torch.Tensor, delta_ref: torch.Tensor) -> torch.Tensor:
+        """Per-pair quantity logged as `margin_metric_name`."""
+        raise NotImplementedError
+
+    # -- precompute ---------------------------------------------------------------------------------------------------
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        # Replaces DPOTrainer's precompute (same call sites: __init__ and evaluate) with one that keeps the result in
+        # memory on every rank and adds the margin column.
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                f"Dataset {name!r} is an IterableDataset; {type(self).__name__} precomputes a margin per pair and needs "
+                "a map-style `datasets.Dataset`."
+            )
+        reference = compute_reference_logps(
+            self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
+        )
+        self.reference_logps[name] = reference
+        return self._with_reference(dataset, reference)
+
+    def _with_reference(self, dataset, reference: ReferenceLogps):
+        margin = self.reference_margin(*reference.in_loss_space(self.args.length_normalize))
+        return with_columns(
+            dataset,
+            {"ref_chosen_logps": reference.chosen, "ref_rejected_logps": reference.rejected, MARGIN_COLUMN: margin},
+        )
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if MARGIN_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, MARGIN_COLUMN]
+
+    # -- loss and metrics ---------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if MARGIN_COLUMN not in inputs:
+            raise ValueError(
+                f"The batch has no {MARGIN_COLUMN!r}: this dataset did not go through the reference precompute. Pass "
+                "it as `train_dataset`/`eval_dataset` or to `evaluate(eval_dataset=...)`, and keep a collator that "
+                "forwards extra columns."
+            )
+        mode = "train" if self.model.training else "eval"
+        margin = inputs[MARGIN_COLUMN]
+        chosen_lengths, rejected_lengths = completion_lengths(inputs["completion_mask"])
+        # Raise the reference log-odds by margin/beta in the loss's space: summed log-probs take it as is; TRL's
+        # 'sigmoid_norm' divides by the completion length, so the shift is pre-multiplied by it.
+        shift = margin / self.beta
+        if self.args.length_normalize:
+            shift = shift * chosen_lengths
+        shifted = {k: v for k, v in inputs.items() if k != MARGIN_COLUMN}
+        shifted["ref_chosen_logps"] = inputs["ref_chosen_logps"] + shift
+        with self._policy_logps.recording():
+            result = super().compute_loss(model, shifted, return_outputs, num_items_in_batch)
+        policy_chosen, policy_rejected = self._policy_logps.sequence_logps(inputs["completion_mask"])
+        self._log_reference_metrics(
+            mode,
+            policy_chosen.float(),
+            policy_rejected.float(),
+            inputs["ref_chosen_logps"].float(),
+            inputs["ref_rejected_logps"].float(),
+            chosen_lengths.to(margin.device),
+            rejected_lengths.to(margin.device),
+            margin.float(),
+        )
+        return result
+
+    @torch.no_grad()
+    def _log_reference_metrics(self, mode, *per_pair: torch.Tensor) -> None:
+        gathered = self.accelerator.gather_for_metrics(per_pair)
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, margin = gathered
+        if self.args.length_normalize:
+            chosen_len, rejected_len = chosen_len.clamp(min=1), rejected_len.clamp(min=1)
+            space = (policy_chosen / chosen_len, policy_rejected / rejected_len)
+            space += (ref_chosen / chosen_len, ref_rejected / rejected_len)
+        else:
+            space = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+        metrics = self._metrics[mode]
+        metrics["u_fraction"].append(u_fraction(*space).item())
+        metrics["ref_misaligned_fraction"].append(ref_misaligned_fraction(*space[2:]).item())
+        metrics[self.margin_metric_name].append(self.margin_metric(margin, space[2] - space[3]).mean().item())
+        # DPOTrainer logged its rewards from the shifted batch; overwrite them with DPO's meaning,
+        # beta * (logp - ref_logp) on summed log-probs, so they stay comparable with a DPO run.
+        chosen_rewards = self.beta * (policy_chosen - ref_chosen)
+        rejected_rewards = self.beta * (policy_rejected - ref_rejected)
+        metrics["rewards/chosen"][-1] = chosen_rewards.mean().item()
+        metrics["rewards/rejected"][-1] = rejected_rewards.mean().item()
+        metrics["rewards/accuracies"][-1] = (chosen_rewards > rejected_rewards).float().mean().item()
+        metrics["rewards/margins"][-1] = (chosen_rewards - rejected_rewards).mean().item()
+
+    # -- resume -------------------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str) and os.path.isfile(checkpoint_reference_path(checkpoint)):
+            self._restore_reference(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _restore_reference(self, checkpoint: str) -> None:
+        saved = ReferenceLogps.load(checkpoint_reference_path(checkpoint))
+        current = self.reference_logps.get("train")
+        if current is None or len(saved) != len(current):
+            raise ValueError(
+                f"Checkpoint {checkpoint} holds reference log-probs for {len(saved)} training pairs, but this trainer's "
+                f"train_dataset has {len(self.train_dataset)}. Resume with the same training data."
+            )
+        drift = max(
+            (saved.chosen - current.chosen).abs().max().item(), (saved.rejected - current.rejected).abs().max().item()
+        )
+        if drift > 1e-4:
+            logger.warning(
+                "The reference rebuilt for this run differs from the one the checkpoint was trained against (max "
+                "log-prob difference %.3g); resuming with the checkpoint's reference log-probs and margins.",
+                drift,
+            )
+        self.reference_logps["train"] = saved
+        self.train_dataset = self._with_reference(self.train_dataset, saved)
+
+    # -- model card ---------------------------------------------------------------------------------------------------
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        section = method_card_section(
+            self.args, base_model=get_config_model_id(self.model.config), dataset_name=dataset_name
+        )
+        marker = "### Framework versions"
+        card = card.replace(marker, section + "\n" + marker, 1) if marker in card else card + "\n" + section
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(card)

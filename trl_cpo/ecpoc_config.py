@@ -1,0 +1,86 @@
+"""Configuration of `ECPOCTrainer` (E-CPOC, arXiv:2605.20834)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+from ._config_utils import normalize_and_validate
+from .losses import check_target_hyperparameters
+
+
+@dataclass
+class ECPOCConfig(DPOConfig):
+    r"""
+    Configuration class for [`ECPOCTrainer`]: E-CPOC, the hard-constraint variant of Constrained Preference
+    Optimization (Yang et al., ICML 2026, arXiv:2605.20834). Not related to TRL's Contrastive Preference Optimization.
+
+    Every [`~trl.DPOConfig`] field keeps its meaning. E-CPOC replaces DPO's target `delta_ref` with one that never
+    drops below `gamma`,
+
+        target = delta_ref + (1/alpha) * softplus(tau * (gamma - delta_ref)) / tau,
+        loss   = -log sigmoid(beta * (delta_pi - target)).
+
+    Defaults are the released code's (gamma 0.5, tau 2.0, alpha 1.0) on length-normalized log-probs, with the CPO beta
+    (2.5); the paper reports no E-CPOC experiments. As in `CPOConfig`, `precompute_ref_log_probs` defaults to (and
+    requires) True and `loss_type='sigmoid'` follows `length_normalize`.
+
+    Parameters:
+        gamma (`float`, *optional*, defaults to `0.5`):
+            Floor of the target log-odds. Must be >= 0.
+        tau (`float`, *optional*, defaults to `2.0`):
+            Sharpness of the smooth max; `float("inf")` gives the hard `max(delta_ref, gamma)` (with `alpha=1`).
+        alpha (`float`, *optional*, defaults to `1.0`):
+            Scale of the correction term `softplus(...)/tau`.
+        length_normalize (`bool`, *optional*, defaults to `True`):
+            Average log-probs per completion token instead of summing them.
+    """
+
+    _method_name = "E-CPOC"
+
+    beta: float = field(
+        default=2.5,
+        metadata={
+            "help": "Inverse temperature of the preference loss. Default 2.5, the CPO released setting on "
+            "length-normalized log-probs (DPOConfig's default is 0.1)."
+        },
+    )
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute reference log-probs and the per-pair E-CPOC target once before training (and for each "
+            "eval set). Required by E-CPOC: False is rejected."
+        },
+    )
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": "'sigmoid' is the E-CPOC term; 'sft' can be mixed in with loss_weights. `length_normalize` decides "
+            "whether TRL runs the term on summed ('sigmoid') or averaged ('sigmoid_norm') log-probs."
+        },
+    )
+    gamma: float = field(
+        default=0.5,
+        metadata={"help": "Floor of the E-CPOC target log-odds (released default 0.5). Must be >= 0."},
+    )
+    tau: float = field(
+        default=2.0,
+        metadata={
+            "help": "Sharpness of the smooth max in the E-CPOC target (released default 2.0). Must be > 0; 'inf' "
+            "gives the hard max(delta_ref, gamma)."
+        },
+    )
+    alpha: float = field(
+        default=1.0,
+        metadata={"help": "Scale 1/alpha of the E-CPOC correction term (released default 1.0). Must be > 0."},
+    )
+    length_normalize: bool = field(
+        default=True,
+        metadata={"help": "Average log-probs per completion token, as the released code does, instead of summing."},
+    )
+
+    def __post_init__(self):
+        check_target_hyperparameters(gamma=self.gamma, tau=self.tau, alpha=self.alpha)
+        normalize_and_validate(self)
+        super().__post_init__()

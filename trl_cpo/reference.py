@@ -1,0 +1,151 @@
+"""Reference-margin precompute: the part of CPO / E-CPOC that reads the frozen reference, once, before training.
+
+Public pieces, reusable outside the trainers:
+
+- `compute_reference_logps(trainer, dataset, batch_size=...)`: one no-grad pass of the reference over a prepared
+  (tokenized) dataset on every rank, gathered so that every rank holds the full per-pair result in dataset order. No
+  cache file is shared between ranks, so in-memory datasets work under several processes (TRL's own precompute writes
+  an `.arrow` cache that other ranks cannot find for in-memory datasets).
+- `ReferenceLogps`: the result, with completion lengths so either log-prob scale (summed or per-token) can be formed.
+- `ReferenceMarginCheckpoint`: a callback that stores the train set's reference log-probs in every checkpoint, so a
+  resumed run trains against the same reference (and so the same margins) even if the model it was rebuilt from
+  differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+logger = logging.getLogger("trl_cpo")
+
+#: File written into each checkpoint folder by `ReferenceMarginCheckpoint`.
+REFERENCE_FILE = "trl_cpo_reference.safetensors"
+
+
+@dataclass
+class ReferenceLogps:
+    """Per-pair reference log-probs (summed over completion tokens, as TRL stores them) and completion lengths."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.chosen.numel()
+
+    def in_loss_space(self, length_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (chosen, rejected) log-probs summed, or averaged per completion token if `length_normalize`."""
+        if not length_normalize:
+            return self.chosen, self.rejected
+        return self.chosen / self.chosen_lengths.clamp(min=1), self.rejected / self.rejected_lengths.clamp(min=1)
+
+    def save(self, path: str, metadata: dict[str, str] | None = None) -> None:
+        tensors = {name: getattr(self, name).contiguous() for name in self.__dataclass_fields__}
+        save_file(tensors, path, metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str) -> ReferenceLogps:
+        tensors = load_file(path)
+        return cls(**{name: tensors[name] for name in cls.__dataclass_fields__})
+
+
+def completion_lengths(completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion token counts of a `[chosen; rejected]` batch, as TRL's `sigmoid_norm` counts them."""
+    lengths = completion_mask.sum(dim=1).float()
+    return lengths.chunk(2, dim=0)
+
+
+def _reference_model(trainer):
+    # The reference is a separate model when there is one; otherwise the policy itself (full fine-tuning, before any
+    # step) or the policy with its adapter disabled (PEFT, handled inside `compute_ref_log_probs`). Under DeepSpeed the
+    # not-yet-prepared policy needs an inference engine to place (ZeRO-1/2) or gather (ZeRO-3) its parameters; reuse
+    # the one DPOTrainer keeps for this purpose.
+    if trainer.ref_model is None and trainer.is_deepspeed_enabled:
+        if trainer._precompute_engine is None:
+            from trl.models import prepare_deepspeed
+
+            trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
+        return trainer._precompute_engine
+    return trainer.ref_model or trainer.model
+
+
+def compute_reference_logps(trainer, dataset: Dataset, *, batch_size: int, desc: str | None = None) -> ReferenceLogps:
+    """Run the frozen reference over a tokenized preference dataset and gather the per-pair results on every rank.
+
+    `trainer` is a `trl.DPOTrainer` (or subclass): its collator, accelerator and `compute_ref_log_probs` are used as
+    is, so PEFT adapters, quantized models and the reference-model choice behave exactly as in DPO.
+    """
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=trainer.data_collator,
+        num_workers=trainer.args.dataloader_num_workers,
+        pin_memory=trainer.args.dataloader_pin_memory,
+        shuffle=False,
+    )
+    loader = trainer.accelerator.prepare(loader)
+    model = _reference_model(trainer)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for batch in tqdm(loader, desc=desc, disable=not trainer.accelerator.is_local_main_process):
+        chosen, rejected = trainer.compute_ref_log_probs(model, batch)
+        chosen_lengths, rejected_lengths = completion_lengths(batch["completion_mask"])
+        # gather_for_metrics drops the samples that even_batches duplicated to fill the last step, so the
+        # concatenation has exactly one row per dataset example, in dataset order.
+        gathered = trainer.accelerator.gather_for_metrics(
+            (chosen.float(), rejected.float(), chosen_lengths.to(chosen.device), rejected_lengths.to(chosen.device))
+        )
+        parts.append(tuple(t.detach().cpu() for t in gathered))
+    columns = [torch.cat(column) for column in zip(*parts, strict=True)]
+    result = ReferenceLogps(*columns)
+    if len(result) != len(dataset):
+        raise RuntimeError(f"Reference precompute produced {len(result)} rows for a dataset of {len(dataset)}.")
+    if not all(torch.isfinite(t).all() for t in columns):
+        raise ValueError(
+            "The reference produced non-finite log-probs (NaN or inf) on some pairs; check the reference model's "
+            "weights and dtype (fp16 overflows easily; use bf16 or fp32)."
+        )
+    return result
+
+
+def with_columns(dataset: Dataset, columns: dict[str, torch.Tensor]) -> Dataset:
+    """Return `dataset` with `columns` added as float32 columns, replacing same-named ones."""
+    stale = [name for name in columns if name in dataset.column_names]
+    if stale:
+        dataset = dataset.remove_columns(stale)
+    for name, values in columns.items():
+        dataset = dataset.add_column(name, values.float().tolist())
+    return dataset
+
+
+def checkpoint_reference_path(checkpoint_dir: str) -> str:
+    return os.path.join(checkpoint_dir, REFERENCE_FILE)
+
+
+class ReferenceMarginCheckpoint(TrainerCallback):
+    """Save the train set's reference log-probs into every checkpoint (rank 0 only).
+
+    `CPOTrainer.train(resume_from_checkpoint=...)` reads them back, so the resumed run uses the same reference
+    log-probs, and so the same margins, as the interrupted one.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        reference = self.trainer.reference_logps.get("train")
+        if not state.is_world_process_zero or reference is None:
+            return
+        checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(checkpoint_dir):
+            reference.save(checkpoint_reference_path(checkpoint_dir), metadata={"method": self.trainer._name})
