@@ -22,8 +22,9 @@ def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
     rows = []
     for _ in range(n):
         prompt = " ".join(rng.choices(WORDS, k=rng.randint(3, 6)))
-        chosen = " ".join(rng.choices(WORDS[:10], k=rng.randint(2, 7)))
-        rejected = " ".join(rng.choices(WORDS[10:], k=rng.randint(2, 7)))
+        # completions start with a space so prompt + completion tokenizes as prompt tokens + completion tokens
+        chosen = " " + " ".join(rng.choices(WORDS[:10], k=rng.randint(2, 7)))
+        rejected = " " + " ".join(rng.choices(WORDS[10:], k=rng.randint(2, 7)))
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
 

@@ -60,7 +60,7 @@ def normalize_and_validate(config) -> None:
     if config.ld_alpha is not None:
         raise ValueError(
             f"ld_alpha={config.ld_alpha} (LD-DPO weighting) is not supported by {method}: the margin is computed from "
-            "plain summed or averaged reference log-probs. Unset ld_alpha and use length_normalize instead."
+            "plain summed or averaged reference log-probs. Set ld_alpha=None and use length_normalize instead."
         )
     if not config.precompute_ref_log_probs:
         raise ValueError(

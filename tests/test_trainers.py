@@ -1,0 +1,238 @@
+import os
+
+import pytest
+import torch
+from conftest import make_pairs
+from datasets import Dataset
+from helpers import cpu_args, sequence_logps
+from peft import LoraConfig
+from trl import DPOConfig, DPOTrainer
+
+from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
+from trl_cpo.losses import cpo_margin
+from trl_cpo.metrics import u_fraction
+from trl_cpo.reference import REFERENCE_FILE
+from trl_cpo.tiny import build_tiny_llama
+
+TRAJECTORY_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "grad_norm"]
+
+
+def _train_logs(trainer):
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+
+
+@pytest.mark.parametrize("length_normalize, dpo_loss_type", [(False, "sigmoid"), (True, "sigmoid_norm")])
+def test_gamma_zero_reproduces_dpo_trajectory(tokenizer, train_dataset, tmp_path, length_normalize, dpo_loss_type):
+    common = cpu_args(tmp_path, max_steps=4, beta=0.5)
+    dpo = DPOTrainer(
+        model=build_tiny_llama(tokenizer),
+        args=DPOConfig(**common, loss_type=dpo_loss_type, precompute_ref_log_probs=True),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    cpo = CPOTrainer(
+        model=build_tiny_llama(tokenizer),
+        args=CPOConfig(**common, gamma=0.0, length_normalize=length_normalize),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    dpo_logs, cpo_logs = _train_logs(dpo), _train_logs(cpo)
+    assert len(dpo_logs) == len(cpo_logs) == 4
+    for dpo_log, cpo_log in zip(dpo_logs, cpo_logs):
+        for key in TRAJECTORY_KEYS:
+            assert cpo_log[key] == pytest.approx(dpo_log[key], rel=1e-5, abs=1e-6), key
+    # the loss really moved, so the comparison covers training, not just the initial point
+    assert cpo_logs[0]["loss"] != pytest.approx(cpo_logs[-1]["loss"], rel=1e-3)
+    assert cpo_logs[0]["cpo_margin"] == 0.0
+
+
+def test_positive_gamma_changes_the_trajectory(tokenizer, train_dataset, tmp_path):
+    logs = {}
+    for gamma in (0.0, 0.05):
+        trainer = CPOTrainer(
+            model=build_tiny_llama(tokenizer),
+            args=CPOConfig(**cpu_args(tmp_path, max_steps=3), gamma=gamma),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+        )
+        logs[gamma] = _train_logs(trainer)
+    assert logs[0.05][0]["loss"] > logs[0.0][0]["loss"] + 1e-3  # a positive margin raises the loss
+    assert logs[0.05][0]["cpo_margin"] > 0
+    assert logs[0.05][-1]["loss"] != pytest.approx(logs[0.0][-1]["loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", [(CPOTrainer, CPOConfig), (ECPOCTrainer, ECPOCConfig)])
+def test_logged_metrics_match_by_hand_computation(tokenizer, tmp_path, trainer_cls, config_cls):
+    """One batch holding every pair, a policy different from the reference: U, misalignment and rewards by hand."""
+    rows = make_pairs(12, seed=3)
+    policy, reference = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
+    (pc, pr), (lc, lr) = sequence_logps(policy, tokenizer, rows)
+    (rc, rr), _ = sequence_logps(reference, tokenizer, rows)
+    expected_u = u_fraction(pc / lc, pr / lr, rc / lc, rr / lr).item()
+    assert 0 < expected_u < 1  # the check below can fail in both directions
+
+    args = config_cls(**cpu_args(tmp_path, per_device_train_batch_size=12, max_steps=1, beta=0.5))
+    trainer = trainer_cls(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    log = _train_logs(trainer)[0]
+    assert log["u_fraction"] == pytest.approx(expected_u)
+    assert log["ref_misaligned_fraction"] == pytest.approx(((rc / lc) < (rr / lr)).float().mean().item())
+    # DPOTrainer's reward metrics keep their DPO meaning: beta * (logp - ref_logp), summed, unshifted by the margin
+    assert log["rewards/chosen"] == pytest.approx((0.5 * (pc - rc)).mean().item(), abs=1e-4)
+    assert log["rewards/rejected"] == pytest.approx((0.5 * (pr - rr)).mean().item(), abs=1e-4)
+    accuracy = ((pc - rc) > (pr - rr)).float().mean().item()
+    assert log["rewards/accuracies"] == pytest.approx(accuracy)
+    if trainer_cls is CPOTrainer:
+        assert log["cpo_margin"] == pytest.approx(cpo_margin(rc / lc, rr / lr, gamma=0.05).mean().item(), rel=1e-4)
+    else:
+        delta_ref = rc / lc - rr / lr
+        target = delta_ref + torch.nn.functional.softplus(2.0 * (0.5 - delta_ref)) / 2.0
+        assert log["ecpoc_target"] == pytest.approx(target.mean().item(), rel=1e-4)
+
+
+def test_eval_metrics_and_eval_set_passed_later(model, tokenizer, train_dataset, eval_dataset, tmp_path):
+    # full fine-tuning keeps no reference after training starts unless one is given (DPOTrainer's rule too)
+    trainer = CPOTrainer(
+        model=model,
+        ref_model=build_tiny_llama(tokenizer, seed=7),
+        args=CPOConfig(**cpu_args(tmp_path, eval_strategy="steps", eval_steps=2, max_steps=2)),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert evals and {"eval_u_fraction", "eval_ref_misaligned_fraction", "eval_cpo_margin"} <= set(evals[0])
+    later = Dataset.from_list(make_pairs(6, seed=9))
+    metrics = trainer.evaluate(eval_dataset=later)
+    assert 0 <= metrics["eval_u_fraction"] <= 1 and metrics["eval_cpo_margin"] > 0
+    assert len(trainer.reference_logps["eval"]) == 6
+
+
+def test_precompute_uses_no_reference_forward_during_training(model, tokenizer, train_dataset, tmp_path):
+    trainer = CPOTrainer(
+        model=model, args=CPOConfig(**cpu_args(tmp_path)), train_dataset=train_dataset, processing_class=tokenizer
+    )
+    assert trainer.ref_model is None  # nothing to run a reference forward with
+    calls = []
+    original = trainer.compute_ref_log_probs
+    trainer.compute_ref_log_probs = lambda *a, **k: calls.append(1) or original(*a, **k)
+    trainer.train()
+    assert calls == []
+    assert {"ref_chosen_logps", "ref_rejected_logps", "reference_margin"} <= set(trainer.train_dataset.column_names)
+
+
+def test_lora_reference_is_the_adapter_free_base(model, tokenizer, train_dataset, tmp_path):
+    rows = train_dataset.to_list()
+    (base_chosen, base_rejected), _ = sequence_logps(model, tokenizer, rows)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = CPOTrainer(
+        model=model,
+        args=CPOConfig(**cpu_args(tmp_path, learning_rate=5e-2, max_steps=3)),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    reference = trainer.reference_logps["train"]
+    torch.testing.assert_close(reference.chosen, base_chosen, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reference.rejected, base_rejected, atol=1e-4, rtol=1e-4)
+    logs = _train_logs(trainer)
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
+    # the base stayed frozen and the adapter moved the policy away from it
+    base = trainer.model.get_base_model()
+    for name, value in base_state.items():
+        peft_name = name.replace("q_proj.weight", "q_proj.base_layer.weight").replace(
+            "v_proj.weight", "v_proj.base_layer.weight"
+        )
+        torch.testing.assert_close(base.state_dict()[peft_name], value)
+    (policy_chosen, _), _ = sequence_logps(trainer.model, tokenizer, rows)
+    assert not torch.allclose(policy_chosen, base_chosen, atol=1e-3)
+
+
+def test_resume_uses_the_checkpoint_margins(tokenizer, train_dataset, tmp_path):
+    """Resuming with a model rebuilt from another init still trains against the original reference."""
+    args = dict(max_steps=4, save_strategy="steps", save_steps=2, learning_rate=1e-2)
+    full = CPOTrainer(
+        model=build_tiny_llama(tokenizer, seed=0),
+        args=CPOConfig(**cpu_args(tmp_path / "full", **args)),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    full_logs = _train_logs(full)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / REFERENCE_FILE).is_file()
+
+    resumed = CPOTrainer(
+        model=build_tiny_llama(tokenizer, seed=123),  # another reference: other margins unless restored
+        args=CPOConfig(**cpu_args(tmp_path / "full", **args)),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    rebuilt_margin = torch.tensor(resumed.train_dataset["reference_margin"])
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    restored_margin = torch.tensor(resumed.train_dataset["reference_margin"])
+    torch.testing.assert_close(restored_margin, torch.tensor(full.train_dataset["reference_margin"]))
+    assert not torch.allclose(rebuilt_margin, restored_margin)
+    resumed_logs = [h for h in resumed.state.log_history if "loss" in h and "train_runtime" not in h]
+    for full_log, resumed_log in zip(full_logs[2:], resumed_logs[-2:]):
+        assert resumed_log["step"] == full_log["step"]
+        assert resumed_log["loss"] == pytest.approx(full_log["loss"], rel=1e-4)
+        assert resumed_log["cpo_margin"] == pytest.approx(full_log["cpo_margin"], rel=1e-5)
+
+
+def test_resume_with_other_training_data_fails(tokenizer, train_dataset, tmp_path):
+    args = CPOConfig(**cpu_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2))
+    CPOTrainer(
+        model=build_tiny_llama(tokenizer), args=args, train_dataset=train_dataset, processing_class=tokenizer
+    ).train()
+    other = CPOTrainer(
+        model=build_tiny_llama(tokenizer),
+        args=args,
+        train_dataset=Dataset.from_list(make_pairs(8, seed=5)),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(ValueError, match="same training data"):
+        other.train(resume_from_checkpoint=True)
+
+
+def test_bf16_training_stays_finite(model, tokenizer, train_dataset, tmp_path):
+    for trainer_cls, config_cls in [(CPOTrainer, CPOConfig), (ECPOCTrainer, ECPOCConfig)]:
+        trainer = trainer_cls(
+            model=build_tiny_llama(tokenizer),
+            args=config_cls(**cpu_args(tmp_path, bf16=True, max_steps=2)),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+        )
+        for log in _train_logs(trainer):
+            for key in ("loss", "grad_norm", "u_fraction", "rewards/chosen"):
+                assert torch.isfinite(torch.tensor(log[key])), (trainer_cls.__name__, key)
+
+
+def test_sft_mixed_in_through_loss_weights(model, tokenizer, train_dataset, tmp_path):
+    args = CPOConfig(**cpu_args(tmp_path, max_steps=1), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    log = _train_logs(CPOTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer))[0]
+    assert torch.isfinite(torch.tensor(log["loss"]))
+
+
+def test_model_card_and_tags_name_the_method(model, tokenizer, train_dataset, tmp_path):
+    trainer = ECPOCTrainer(
+        model=model,
+        args=ECPOCConfig(**cpu_args(tmp_path, max_steps=1), tau=4.0),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.create_model_card(model_name="tiny-ecpoc", dataset_name="local/pairs")
+    card = open(os.path.join(tmp_path, "README.md"), encoding="utf-8").read()
+    assert "E-CPOC" in card and "Constrained Preference Optimization" in card and "2605.20834" in card
+    assert "not TRL's Contrastive Preference Optimization" in card
+    assert "| `tau` | `4.0` |" in card and "| `gamma` | `0.5` |" in card and "local/pairs" in card
+    assert "trl-cpo" in card and "e-cpoc" in card
+    tags = set(trainer.model.model_tags)
+    assert {"trl-cpo", "e-cpoc"} <= tags and "cpo" not in tags  # never TRL's Contrastive PO tag
