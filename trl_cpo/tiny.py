@@ -33,21 +33,23 @@ def build_tiny_llama(
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
+    num_key_value_heads: int | None = None,
     intermediate_size: int | None = None,
     max_position_embeddings: int = 512,
+    vocab_size: int | None = None,
     seed: int = 0,
     **config_kwargs,
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama sized for `tokenizer`'s vocabulary."""
+    """A randomly initialised Llama sized for `tokenizer`'s vocabulary (or `vocab_size`, if larger)."""
     import torch
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), vocab_size or 0),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=num_key_value_heads or num_heads,
         max_position_embeddings=max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
