@@ -113,6 +113,8 @@ def test_eval_metrics_and_eval_set_passed_later(model, tokenizer, train_dataset,
     metrics = trainer.evaluate(eval_dataset=later)
     assert 0 <= metrics["eval_u_fraction"] <= 1 and metrics["eval_cpo_margin"] > 0
     assert len(trainer.reference_logps["eval"]) == 6
+    again = trainer.evaluate(eval_dataset=trainer.eval_dataset)  # already carries margin columns
+    assert again["eval_cpo_margin"] == pytest.approx(evals[0]["eval_cpo_margin"], rel=1e-5)
 
 
 def test_precompute_uses_no_reference_forward_during_training(model, tokenizer, train_dataset, tmp_path):

@@ -38,6 +38,8 @@ from .reference import (
 
 #: Dataset column (and batch key) holding the per-pair margin, in logit units.
 MARGIN_COLUMN = "reference_margin"
+#: Columns DPOTrainer reads its precomputed reference log-probs from (summed over completion tokens).
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
@@ -159,6 +161,10 @@ class _ReferenceMarginTrainer(DPOTrainer):
                 f"Dataset {name!r} is an IterableDataset; {type(self).__name__} precomputes a margin per pair and needs "
                 "a map-style `datasets.Dataset`."
             )
+        # A dataset that went through this step before (e.g. `evaluate(trainer.eval_dataset)`) is recomputed from
+        # scratch: its old columns must not reach the reference forward.
+        stale = [c for c in (*REFERENCE_COLUMNS, MARGIN_COLUMN) if c in dataset.column_names]
+        dataset = dataset.remove_columns(stale) if stale else dataset
         reference = compute_reference_logps(
             self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
         )
