@@ -64,6 +64,7 @@ METHOD_FIELDS = {
     "dpo": (),
 }
 ALL_METHOD_FIELDS = ("gamma", "margin_type", "max_margin", "tau", "alpha")
+GAMMA_MEANING = {"cpo": "the CPO margin strength", "ecpoc": "the E-CPOC floor of the target log-odds"}
 #: File suffixes loaded with a `datasets` packaged builder when `--dataset_name` is a local file.
 LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
@@ -180,6 +181,17 @@ def to_trainer_config(raw: CPORecipeConfig, method: str) -> DPOConfig:
             ignored.append(f"{name}={value!r}")
     if ignored:
         logger.warning("method=%s does not use %s; ignoring them.", method, ", ".join(ignored))
+        if method != "dpo" and raw.gamma is not None:
+            other = "ecpoc" if method == "cpo" else "cpo"
+            logger.warning(
+                "gamma=%s is used as %s. It means %s for %s: if this config was written for %s, set --gamma "
+                "explicitly (defaults: CPO 0.05, E-CPOC 0.5).",
+                raw.gamma,
+                GAMMA_MEANING[method],
+                GAMMA_MEANING[other],
+                other,
+                other,
+            )
     if method == "dpo":
         kwargs["gamma"] = 0.0
     config_cls = {"cpo": CPOConfig, "ecpoc": ECPOCConfig, "dpo": DPOBaselineConfig}[method]
@@ -310,6 +322,22 @@ def load_datasets(script_args: CPOScriptArguments, dataset_args: DatasetMixtureC
     return dataset
 
 
+def drop_redundant_prompt(dataset):
+    """Bring a split into a layout TRL 1.16 accepts, if it has a string `prompt` next to conversational
+    `chosen` / `rejected` (as `HuggingFaceH4/ultrafeedback_binarized` does, where both conversations start with the
+    user turn). TRL wants all three columns in one format, so the string `prompt` is dropped: TRL then uses the
+    shared start of the two conversations as the prompt (its implicit-prompt format). Other layouts are untouched."""
+    from datasets import Value
+
+    features = dataset.features or {}
+    prompt, chosen = features.get("prompt"), features.get("chosen")
+    if isinstance(prompt, Value) and prompt.dtype in ("string", "large_string") and chosen is not None:
+        if not isinstance(chosen, Value):  # a list of {"role", "content"} messages
+            logger.info("Dropping the string `prompt` column: `chosen`/`rejected` are conversations that contain it.")
+            return dataset.remove_columns("prompt")
+    return dataset
+
+
 def _split(dataset, split: str, role: str):
     if split not in dataset:
         raise ValueError(
@@ -317,7 +345,7 @@ def _split(dataset, split: str, role: str):
             f"`--dataset_{'train' if role == 'training' else 'test'}_split`, or use a `datasets` mixture with "
             "`test_split_size` to split one off."
         )
-    return dataset[split]
+    return drop_redundant_prompt(dataset[split])
 
 
 def card_dataset_name(script_args: CPOScriptArguments, dataset_args: DatasetMixtureConfig) -> str | None:

@@ -16,6 +16,12 @@ from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "tiny_prefs.jsonl"
 DEFAULT_OUT = "outputs/tiny-llama"
+#: A minimal chat template, so that conversational preference data (lists of messages) also runs on the tiny model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s> {{ message['role'] }} : {{ message['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant : {% endif %}"
+)
+CHAT_WORDS = ["system", "user", "assistant", ":"]
 
 
 def preference_texts(path: str | Path) -> list[str]:
@@ -25,14 +31,20 @@ def preference_texts(path: str | Path) -> list[str]:
         for line in f:
             if line.strip():
                 row = json.loads(line)
-                texts.extend(str(row[key]) for key in ("prompt", "chosen", "rejected") if key in row)
+                for key in ("prompt", "chosen", "rejected"):
+                    value = row.get(key)
+                    if isinstance(value, list):  # conversational: a list of messages
+                        texts.extend(str(message.get("content", "")) for message in value)
+                    elif value is not None:
+                        texts.append(str(value))
     return texts
 
 
 def build(out_dir: str | Path, data: str | Path = DEFAULT_DATA, hidden_size: int = 64, num_layers: int = 2) -> Path:
     from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer(preference_texts(data))
+    tokenizer = build_tiny_tokenizer([*preference_texts(data), " ".join(CHAT_WORDS)])
+    tokenizer.chat_template = CHAT_TEMPLATE
     model = build_tiny_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)

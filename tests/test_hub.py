@@ -201,6 +201,7 @@ def test_recipe_push_to_hub_qlora(fake_hub, tmp_path, monkeypatch):
         "all_results.json",
         "train_results.json",
         "trainer_state.json",
+        "chat_template.jinja",  # make_tiny_model.py gives the tiny tokenizer a chat template
         *TOKENIZER_FILES,
     }
     check_card(
