@@ -384,11 +384,13 @@ def main(script_args, training_args, model_args, dataset_args):
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = model_init_kwargs
 
-    dataset = load_datasets(script_args, dataset_args)
-    train_dataset = _split(dataset, script_args.dataset_train_split, "training")
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = _split(dataset, script_args.dataset_test_split, "evaluation")
+    # The main process downloads / prepares the data first; the other ranks then read it from the cache.
+    with training_args.main_process_first(desc="loading the dataset"):
+        dataset = load_datasets(script_args, dataset_args)
+        train_dataset = _split(dataset, script_args.dataset_train_split, "training")
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = _split(dataset, script_args.dataset_test_split, "evaluation")
 
     trainer = TRAINERS[script_args.method](
         model=model_args.model_name_or_path,
