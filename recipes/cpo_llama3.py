@@ -1,0 +1,436 @@
+# Copyright the trl-cpo authors. Licensed under the Apache License, Version 2.0.
+"""
+Train with CPO or E-CPOC (Constrained Preference Optimization, arXiv:2605.20834), or the matching DPO baseline.
+
+Not TRL's Contrastive Preference Optimization (`trl.experimental.cpo`): same acronym, different algorithm.
+
+The script follows the shape of TRL's `trl/scripts/dpo.py`: one `TrlParser` over script, training, model and
+dataset-mixture arguments; `--config FILE.yaml` sets defaults and any command-line flag overrides them. `--method`
+picks the trainer, so one config gives CPO, E-CPOC and the DPO baseline on identical settings:
+
+- `cpo`   -> `trl_cpo.CPOTrainer`   (`--gamma`, `--margin_type`, `--max_margin`)
+- `ecpoc` -> `trl_cpo.ECPOCTrainer` (`--gamma`, `--tau`, `--alpha`)
+- `dpo`   -> the CPO trainer at `gamma=0`, which is exactly DPO's sigmoid loss with the same `--beta`, the same
+             `--length_normalize` log-prob scale and the same precomputed reference, and logs the same U-space
+             diagnostics. CPO/E-CPOC-only fields in the config are ignored (with a warning).
+
+Full fine-tuning of Llama-3-8B-Instruct with the released settings (8 GPUs, DeepSpeed ZeRO-3):
+
+    accelerate launch --config_file recipes/accelerate_configs/zero3.yaml \
+        recipes/cpo_llama3.py --config recipes/configs/cpo_llama3_8b_instruct_full.yaml
+
+The DPO baseline on the same settings:
+
+    accelerate launch --config_file recipes/accelerate_configs/zero3.yaml \
+        recipes/cpo_llama3.py --config recipes/configs/cpo_llama3_8b_instruct_full.yaml --method dpo \
+        --output_dir outputs/llama3-8b-instruct-dpo
+
+QLoRA on one GPU:
+
+    accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml \
+        recipes/cpo_llama3.py --config recipes/configs/cpo_llama3_8b_instruct_qlora.yaml
+
+Offline smoke run on CPU (tiny model built locally, data shipped in recipes/data):
+
+    python recipes/make_tiny_model.py outputs/tiny-llama
+    accelerate launch --num_processes 1 --cpu recipes/cpo_llama3.py --config recipes/configs/tiny_cpu.yaml
+    torchrun --nproc_per_node 2 recipes/cpo_llama3.py --config recipes/configs/tiny_cpu.yaml   # 2 CPU processes
+
+`--dataset_name` takes a Hub dataset, a local JSON / JSON-lines / Parquet / CSV file, or a folder written by
+`Dataset.save_to_disk` / `DatasetDict.save_to_disk`. See recipes/README.md for the table of setups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+from trl import DatasetMixtureConfig, DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser
+
+from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
+from trl_cpo.losses import MARGIN_TYPES
+from trl_cpo.model_card import PAPER_ID
+
+logger = logging.getLogger("trl_cpo.recipes")
+
+METHODS = ("cpo", "ecpoc", "dpo")
+#: Fields each method reads beyond DPOConfig's (besides `length_normalize`, which all three read).
+METHOD_FIELDS = {
+    "cpo": ("gamma", "margin_type", "max_margin"),
+    "ecpoc": ("gamma", "tau", "alpha"),
+    "dpo": (),
+}
+ALL_METHOD_FIELDS = ("gamma", "margin_type", "max_margin", "tau", "alpha")
+GAMMA_MEANING = {"cpo": "the CPO margin strength", "ecpoc": "the E-CPOC floor of the target log-odds"}
+#: File suffixes loaded with a `datasets` packaged builder when `--dataset_name` is a local file.
+LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CPOScriptArguments(ScriptArguments):
+    """TRL's `ScriptArguments` plus the method choice and the dataset name written into the model card."""
+
+    method: str = field(
+        default="cpo",
+        metadata={
+            "help": "Which objective to train: 'cpo' (CPO, soft constraint), 'ecpoc' (E-CPOC, hard constraint) or "
+            "'dpo' (the DPO baseline: the CPO trainer at gamma=0, same beta and log-prob scale).",
+            "choices": list(METHODS),
+        },
+    )
+    model_card_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset name written into the model card (and its `datasets:` metadata). Defaults to "
+            "`dataset_name` (a local path is reduced to its base name) or the paths of the `datasets` mixture."
+        },
+    )
+
+
+@dataclass
+class CPORecipeConfig(DPOConfig):
+    """Every `DPOConfig` field plus the union of the CPO and E-CPOC fields, as read from the CLI and the YAML file.
+
+    Only a container for parsing: `TrainingArguments.__post_init__` is deliberately not run here. `to_trainer_config`
+    builds the real `CPOConfig` / `ECPOCConfig` / `DPOBaselineConfig` from the raw values, so that class validates and
+    post-processes them exactly once. Method fields left unset (`None`) take the method's own default.
+    """
+
+    beta: float = field(
+        default=2.5,
+        metadata={
+            "help": "Inverse temperature of the preference loss, for all three methods. 2.5 is the released CPO "
+            "setting on length-normalized log-probs (see --length_normalize); DPOConfig's 0.1 is a summed scale."
+        },
+    )
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={"help": "Must stay True: the reference log-probs and margins are computed once before training."},
+    )
+    length_normalize: bool = field(
+        default=True,
+        metadata={
+            "help": "Average log-probs per completion token (the released code's scale, assumed by beta=2.5) instead "
+            "of summing them. Applies to all three methods, the DPO baseline included."
+        },
+    )
+    gamma: float | None = field(
+        default=None,
+        metadata={
+            "help": "CPO: margin strength (default 0.05). E-CPOC: floor of the target log-odds (default 0.5). "
+            "Ignored by the DPO baseline (gamma=0)."
+        },
+    )
+    margin_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "CPO only. 'inverse_prob' (default; the paper's 1/pi_ref) or 'inverse_logp' (the released code's "
+            "1/logp_ref numerics, for parity with the published numbers).",
+            "choices": list(MARGIN_TYPES),
+        },
+    )
+    max_margin: float | None = field(default=None, metadata={"help": "CPO only. Cap on the margin (default 10)."})
+    tau: float | None = field(default=None, metadata={"help": "E-CPOC only. Smooth-max sharpness (default 2.0)."})
+    alpha: float | None = field(default=None, metadata={"help": "E-CPOC only. Correction scale 1/alpha (default 1)."})
+
+    def __post_init__(self):
+        # Raw container: validation and TrainingArguments' post-processing happen in the real config class.
+        pass
+
+
+@dataclass
+class DPOBaselineConfig(CPOConfig):
+    """`CPOConfig` pinned to `gamma=0`: DPO's sigmoid loss, run by the CPO trainer for a like-for-like baseline."""
+
+    _method_name = "DPO-baseline"
+
+    gamma: float = field(
+        default=0.0,
+        metadata={"help": "Always 0: at gamma=0 the CPO loss is exactly DPO's."},
+    )
+
+    def __post_init__(self):
+        if self.gamma != 0:
+            raise ValueError(f"The DPO baseline runs CPO at gamma=0; got gamma={self.gamma}.")
+        super().__post_init__()
+
+
+def to_trainer_config(raw: CPORecipeConfig, method: str) -> DPOConfig:
+    """Build the trainer config of `method` from the parsed values (see `CPORecipeConfig`)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; use one of {list(METHODS)}.")
+    kwargs = {f.name: getattr(raw, f.name) for f in dataclasses.fields(DPOConfig) if f.init}
+    kwargs["length_normalize"] = raw.length_normalize
+    ignored = []
+    for name in ALL_METHOD_FIELDS:
+        value = getattr(raw, name)
+        if value is None:
+            continue
+        if name in METHOD_FIELDS[method]:
+            kwargs[name] = value
+        elif not (method == "dpo" and name == "gamma" and value == 0):
+            ignored.append(f"{name}={value!r}")
+    if ignored:
+        logger.warning("method=%s does not use %s; ignoring them.", method, ", ".join(ignored))
+        if method != "dpo" and raw.gamma is not None:
+            other = "ecpoc" if method == "cpo" else "cpo"
+            logger.warning(
+                "gamma=%s is used as %s. It means %s for %s: if this config was written for %s, set --gamma "
+                "explicitly (defaults: CPO 0.05, E-CPOC 0.5).",
+                raw.gamma,
+                GAMMA_MEANING[method],
+                GAMMA_MEANING[other],
+                other,
+                other,
+            )
+    if method == "dpo":
+        kwargs["gamma"] = 0.0
+    config_cls = {"cpo": CPOConfig, "ecpoc": ECPOCConfig, "dpo": DPOBaselineConfig}[method]
+    return config_cls(**kwargs)
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    return TrlParser((CPOScriptArguments, CPORecipeConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse `argv` (default: `sys.argv[1:]`, with `--config FILE.yaml`) into the four argument objects.
+
+    The training arguments come back as the config class of `--method` (CPOConfig, ECPOCConfig or DPOBaselineConfig).
+    """
+    script_args, raw_training_args, model_args, dataset_args = make_parser().parse_args_and_config(argv)
+    return script_args, to_trainer_config(raw_training_args, script_args.method), model_args, dataset_args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DPO baseline
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DPOBaselineTrainer(CPOTrainer):
+    """DPO baseline for CPO / E-CPOC runs: the CPO trainer at `gamma=0`.
+
+    Its loss is exactly DPO's, `-log sigmoid(beta * (delta_pi - delta_ref))`, on the log-prob scale chosen by
+    `length_normalize` (TRL's `sigmoid_norm` when True, `sigmoid` when False). It shares everything else with the CPO
+    run (precomputed reference, data pipeline, metrics, including `u_fraction` and `ref_misaligned_fraction`), so the
+    only difference between the two runs is the margin. `cpo_margin` is logged as 0.
+    """
+
+    config_class = DPOBaselineConfig
+    _tag_names = ["trl", "dpo", "trl-cpo"]
+    _name = "DPO (baseline of a CPO comparison)"
+    _paper = DPOTrainer._paper
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        # DPOTrainer's card (names DPO and its paper), plus a section saying how this baseline was run.
+        DPOTrainer.create_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        from trl.trainer.utils import get_config_model_id
+
+        args = self.args
+        scale = "length-normalized (per-token average)" if args.length_normalize else "summed"
+        section = (
+            "## Method: DPO baseline\n\n"
+            "DPO baseline for a comparison with CPO (Constrained Preference Optimization, "
+            f"[arXiv:{PAPER_ID}](https://arxiv.org/abs/{PAPER_ID})), trained with `trl_cpo`'s CPO trainer at "
+            "`gamma = 0`, whose loss is exactly DPO's: `loss = -log sigmoid(beta * (delta_pi - delta_ref))` on "
+            f"{scale} log-probs, with reference log-probs precomputed once before training.\n\n"
+            f"- Base model: {get_config_model_id(self.model.config) or 'unknown'}\n"
+            f"- Dataset: {dataset_name or 'not recorded'}\n\n"
+            "| hyperparameter | value |\n| --- | --- |\n"
+            f"| `beta` | `{args.beta}` |\n| `length_normalize` | `{args.length_normalize}` |\n"
+            f"| `loss_type` | `{args.loss_type}` |\n| `learning_rate` | `{args.learning_rate}` |\n"
+        )
+        path = os.path.join(args.output_dir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        marker = "### Framework versions"
+        card = card.replace(marker, section + "\n" + marker, 1) if marker in card else card + "\n" + section
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(card)
+
+
+TRAINERS = {"cpo": CPOTrainer, "ecpoc": ECPOCTrainer, "dpo": DPOBaselineTrainer}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _local_file_builder(path: str) -> str | None:
+    name = path.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return LOCAL_FILE_BUILDERS.get(os.path.splitext(name)[1])
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
+
+
+def load_preference_dataset(name: str, config: str | None = None, streaming: bool = False):
+    """Load `name` as a `DatasetDict`: a `save_to_disk` folder, a local data file (its rows form the 'train' split),
+    or anything `datasets.load_dataset` takes (a Hub name, a folder of data files)."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    path = os.path.expanduser(name)
+    if os.path.isdir(path) and _is_saved_dataset(path):
+        dataset = load_from_disk(path)
+        return dataset if isinstance(dataset, DatasetDict) else DatasetDict({"train": dataset})
+    if os.path.isfile(path):
+        builder = _local_file_builder(path)
+        if builder is None:
+            raise ValueError(
+                f"Cannot tell the format of the local dataset file {path!r}: use one of "
+                f"{sorted(LOCAL_FILE_BUILDERS)} (optionally compressed), or a `save_to_disk` folder."
+            )
+        return load_dataset(builder, data_files=path, streaming=streaming)
+    return load_dataset(name, name=config, streaming=streaming)
+
+
+def load_datasets(script_args: CPOScriptArguments, dataset_args: DatasetMixtureConfig):
+    from trl import get_dataset
+
+    if dataset_args.datasets:
+        if script_args.dataset_name:
+            logger.warning("Both `datasets` and `dataset_name` are set: loading the `datasets` mixture only.")
+        streaming = dataset_args.streaming
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        streaming = script_args.dataset_streaming
+        dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_config, streaming)
+    else:
+        raise ValueError("Set `dataset_name` (Hub name, local file or save_to_disk folder) or a `datasets` mixture.")
+    if streaming:
+        raise ValueError(
+            "Streaming datasets are not supported: the reference log-probs and margins are precomputed per pair before "
+            "training, which needs a map-style dataset. Drop `dataset_streaming` / `streaming`."
+        )
+    return dataset
+
+
+def drop_redundant_prompt(dataset):
+    """Bring a split into a layout TRL 1.16 accepts, if it has a string `prompt` next to conversational
+    `chosen` / `rejected` (as `HuggingFaceH4/ultrafeedback_binarized` does, where both conversations start with the
+    user turn). TRL wants all three columns in one format, so the string `prompt` is dropped: TRL then uses the
+    shared start of the two conversations as the prompt (its implicit-prompt format). Other layouts are untouched."""
+    from datasets import Value
+
+    features = dataset.features or {}
+    prompt, chosen = features.get("prompt"), features.get("chosen")
+    if isinstance(prompt, Value) and prompt.dtype in ("string", "large_string") and chosen is not None:
+        if not isinstance(chosen, Value):  # a list of {"role", "content"} messages
+            logger.info("Dropping the string `prompt` column: `chosen`/`rejected` are conversations that contain it.")
+            return dataset.remove_columns("prompt")
+    return dataset
+
+
+def _split(dataset, split: str, role: str):
+    if split not in dataset:
+        raise ValueError(
+            f"The dataset has no {split!r} split for {role} (it has {list(dataset)}). Set "
+            f"`--dataset_{'train' if role == 'training' else 'test'}_split`, or use a `datasets` mixture with "
+            "`test_split_size` to split one off."
+        )
+    return drop_redundant_prompt(dataset[split])
+
+
+def card_dataset_name(script_args: CPOScriptArguments, dataset_args: DatasetMixtureConfig) -> str | None:
+    """What the model card calls the training data (never a full local path)."""
+    if script_args.model_card_dataset_name:
+        return script_args.model_card_dataset_name
+    if dataset_args.datasets:
+        names = [
+            d.path if not os.path.exists(d.path) else os.path.basename(os.path.normpath(d.path))
+            for d in dataset_args.datasets
+        ]
+        return ", ".join(dict.fromkeys(names))
+    name = script_args.dataset_name
+    if name and os.path.exists(os.path.expanduser(name)):
+        return os.path.basename(os.path.normpath(name))
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(script_args, training_args, model_args, dataset_args):
+    from trl import get_peft_config, get_quantization_config
+
+    # Model loading as in TRL's scripts: the trainer loads `model_name_or_path` with these kwargs (plus the
+    # quantization config, and device_map=None under multi-GPU / DeepSpeed).
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
+
+    # The main process downloads / prepares the data first; the other ranks then read it from the cache.
+    with training_args.main_process_first(desc="loading the dataset"):
+        dataset = load_datasets(script_args, dataset_args)
+        train_dataset = _split(dataset, script_args.dataset_train_split, "training")
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = _split(dataset, script_args.dataset_test_split, "evaluation")
+
+    trainer = TRAINERS[script_args.method](
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+
+    if script_args.ignore_bias_buffers:
+        import torch
+
+        # DDP cannot broadcast boolean buffers (e.g. causal masks of some architectures).
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = dict(train_result.metrics)
+    metrics["train_samples"] = len(train_dataset)
+    metrics["num_processes"] = trainer.accelerator.num_processes
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    dataset_name = card_dataset_name(script_args, dataset_args)
+    if training_args.push_to_hub:
+        # Saves the model (the adapter alone under PEFT), writes the card naming the dataset, and uploads once.
+        trainer.push_to_hub(dataset_name=dataset_name)
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}")
+    else:
+        trainer.save_model(training_args.output_dir)
+        model_name = (training_args.hub_model_id or os.path.normpath(training_args.output_dir)).split("/")[-1]
+        trainer.create_model_card(model_name=model_name, dataset_name=dataset_name)
+        trainer.accelerator.print(f"Saved to {training_args.output_dir}")
+
+    trainer.end()  # finish the trackers and destroy the process group
+    return trainer
+
+
+if __name__ == "__main__":
+    main(*parse_args(sys.argv[1:]))
