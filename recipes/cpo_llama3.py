@@ -52,7 +52,7 @@ from trl import DatasetMixtureConfig, DPOConfig, DPOTrainer, ModelConfig, Script
 
 from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
 from trl_cpo.losses import MARGIN_TYPES
-from trl_cpo.model_card import PAPER_ID
+from trl_cpo.model_card import PAPER_ID, insert_card_section
 
 logger = logging.getLogger("trl_cpo.recipes")
 
@@ -251,13 +251,7 @@ class DPOBaselineTrainer(CPOTrainer):
             f"| `beta` | `{args.beta}` |\n| `length_normalize` | `{args.length_normalize}` |\n"
             f"| `loss_type` | `{args.loss_type}` |\n| `learning_rate` | `{args.learning_rate}` |\n"
         )
-        path = os.path.join(args.output_dir, "README.md")
-        with open(path, encoding="utf-8") as f:
-            card = f.read()
-        marker = "### Framework versions"
-        card = card.replace(marker, section + "\n" + marker, 1) if marker in card else card + "\n" + section
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(card)
+        insert_card_section(os.path.join(args.output_dir, "README.md"), section)
 
 
 TRAINERS = {"cpo": CPOTrainer, "ecpoc": ECPOCTrainer, "dpo": DPOBaselineTrainer}

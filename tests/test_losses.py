@@ -148,3 +148,11 @@ def test_u_fraction_and_misalignment_by_hand():
     assert mask.tolist() == [True, False, False, False]
     assert u_fraction(policy_chosen, policy_rejected, ref_chosen, ref_rejected).item() == 0.25
     assert ref_misaligned_fraction(ref_chosen, ref_rejected).item() == 0.75
+
+
+def test_u_fraction_tolerance_ignores_round_off_only():
+    ref_chosen, ref_rejected = torch.tensor([-2.0, -2.0]), torch.tensor([-1.0, -1.0])
+    # pair 0 moved by float noise only, pair 1 really moved towards the chosen response but still prefers the rejected
+    policy_chosen, policy_rejected = torch.tensor([-2.0 + 1e-6, -1.5]), torch.tensor([-1.0, -1.0])
+    assert u_fraction(policy_chosen, policy_rejected, ref_chosen, ref_rejected).item() == 1.0
+    assert u_fraction(policy_chosen, policy_rejected, ref_chosen, ref_rejected, atol=1e-3).item() == 0.5

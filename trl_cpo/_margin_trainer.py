@@ -25,8 +25,8 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from ._config_utils import logger, upgrade_dpo_config
-from .metrics import ref_misaligned_fraction, u_fraction
-from .model_card import method_card_section
+from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
+from .model_card import insert_card_section, method_card_section
 from .reference import (
     ReferenceLogps,
     ReferenceMarginCheckpoint,
@@ -228,7 +228,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
         else:
             space = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
         metrics = self._metrics[mode]
-        metrics["u_fraction"].append(u_fraction(*space).item())
+        metrics["u_fraction"].append(u_fraction(*space, atol=U_FRACTION_ATOL).item())
         metrics["ref_misaligned_fraction"].append(ref_misaligned_fraction(*space[2:]).item())
         metrics[self.margin_metric_name].append(self.margin_metric(margin, space[2] - space[3]).mean().item())
         # DPOTrainer logged its rewards from the shifted batch; overwrite them with DPO's meaning,
@@ -276,13 +276,6 @@ class _ReferenceMarginTrainer(DPOTrainer):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if not self.is_world_process_zero():
             return
-        path = os.path.join(self.args.output_dir, "README.md")
-        with open(path, encoding="utf-8") as f:
-            card = f.read()
-        section = method_card_section(
-            self.args, base_model=get_config_model_id(self.model.config), dataset_name=dataset_name
-        )
-        marker = "### Framework versions"
-        card = card.replace(marker, section + "\n" + marker, 1) if marker in card else card + "\n" + section
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(card)
+        base_model = get_config_model_id(self.model.config)
+        section = method_card_section(self.args, base_model=base_model, dataset_name=dataset_name)
+        insert_card_section(os.path.join(self.args.output_dir, "README.md"), section)

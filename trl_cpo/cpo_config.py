@@ -43,6 +43,10 @@ class CPOConfig(DPOConfig):
     """
 
     _method_name = "CPO"
+    _card_fields = ("gamma", "margin_type", "max_margin")
+    _card_formula = (
+        "loss = -log sigmoid(beta * (delta_pi - delta_ref) - m),  m = gamma * (1/pi_ref(y_w) + 1/pi_ref(y_l))"
+    )
 
     beta: float = field(
         default=2.5,

@@ -38,6 +38,11 @@ class ECPOCConfig(DPOConfig):
     """
 
     _method_name = "E-CPOC"
+    _card_fields = ("gamma", "tau", "alpha")
+    _card_formula = (
+        "loss = -log sigmoid(beta * (delta_pi - target)),  "
+        "target = delta_ref + softplus(tau * (gamma - delta_ref)) / (alpha * tau)"
+    )
 
     beta: float = field(
         default=2.5,

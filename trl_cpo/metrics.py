@@ -8,21 +8,29 @@ from __future__ import annotations
 
 import torch
 
+#: Tolerance the trainers use for U: the training forward and the reference precompute run with different batch shapes
+#: (and, for 4-bit or bf16 models, different kernels), so an untrained policy's log-odds match the reference's only up
+#: to ~1e-6 (fp32) .. 1e-3 (bf16) nats; pairs closer than this are not counted as having moved into U.
+U_FRACTION_ATOL = 1e-4
+
 
 def in_undesirable_space(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
+    *,
+    atol: float = 0.0,
 ) -> torch.Tensor:
-    r"""Boolean mask of the pairs in U: ``delta_ref < delta_pi < 0``.
+    r"""Boolean mask of the pairs in U: ``delta_ref + atol < delta_pi < 0``.
 
     There DPO's loss is already below ``log 2`` (the policy beats the reference's log-odds) while the policy still
-    prefers the rejected response.
+    prefers the rejected response. ``atol = 0`` is the paper's definition; a small positive ``atol`` keeps float noise
+    from counting an unchanged policy (``delta_pi == delta_ref`` up to round-off) as in U.
     """
     delta_pi = policy_chosen_logps.float() - policy_rejected_logps.float()
     delta_ref = ref_chosen_logps.float() - ref_rejected_logps.float()
-    return (delta_ref < delta_pi) & (delta_pi < 0)
+    return (delta_ref + atol < delta_pi) & (delta_pi < 0)
 
 
 def u_fraction(
@@ -30,9 +38,13 @@ def u_fraction(
     policy_rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
+    *,
+    atol: float = 0.0,
 ) -> torch.Tensor:
-    r"""Share of pairs in the undesirable space U: ``mean(delta_ref < delta_pi < 0)``; a 0-dim float tensor."""
-    mask = in_undesirable_space(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    r"""Share of pairs in the undesirable space U: ``mean(delta_ref + atol < delta_pi < 0)``; a 0-dim float tensor."""
+    mask = in_undesirable_space(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, atol=atol
+    )
     return mask.float().mean()
 
 

@@ -23,60 +23,47 @@ NAMING_NOTE = (
 
 
 def method_card_section(args, *, base_model: str | None, dataset_name: str | None) -> str:
-    """Markdown section naming the method, the base model, the dataset and the hyperparameters that matter."""
+    """Markdown section naming the method, the base model, the dataset and the hyperparameters that matter.
+
+    The method's own hyperparameters and formula come from the config class (`_card_fields`, `_card_formula`).
+    """
     method = args._method_name
-    if method == "CPO":
-        settings = [
-            ("gamma", args.gamma),
-            ("margin_type", args.margin_type),
-            ("max_margin", args.max_margin),
-        ]
-        formula = (
-            "loss = -log sigmoid(beta * (delta_pi - delta_ref) - m),  m = gamma * (1/pi_ref(y_w) + 1/pi_ref(y_l))"
-        )
-    else:
-        settings = [("gamma", args.gamma), ("tau", args.tau), ("alpha", args.alpha)]
-        formula = (
-            "loss = -log sigmoid(beta * (delta_pi - target)),  "
-            "target = delta_ref + softplus(tau * (gamma - delta_ref)) / (alpha * tau)"
-        )
     settings = [
         ("beta", args.beta),
-        *settings,
+        *((name, getattr(args, name)) for name in args._card_fields),
         ("length_normalize", args.length_normalize),
         ("loss_type", args.loss_type),
         ("learning_rate", args.learning_rate),
     ]
     rows = "\n".join(f"| `{name}` | `{value}` |" for name, value in settings)
-    return textwrap.dedent("""\
-        ## Method: {method} (Constrained Preference Optimization)
+    return f"""## Method: {method} (Constrained Preference Optimization)
 
-        Trained with `trl_cpo`'s {method} trainer, from [{title}](https://arxiv.org/abs/{paper_id}) (arXiv:{paper_id}).
+Trained with `trl_cpo`'s {method} trainer, from [{PAPER_TITLE}](https://arxiv.org/abs/{PAPER_ID}) (arXiv:{PAPER_ID}).
 
-        > {note}
+> {NAMING_NOTE}
 
-        `{formula}`
+`{args._card_formula}`
 
-        - Base model: {base_model}
-        - Dataset: {dataset}
+- Base model: {base_model or "unknown"}
+- Dataset: {dataset_name or "not recorded"}
 
-        | hyperparameter | value |
-        | --- | --- |
-        {rows}
+| hyperparameter | value |
+| --- | --- |
+{rows}
 
-        Cite {method} as:
+Cite {method} as:
 
-        ```bibtex
-        {citation}
-        ```
-        """).format(
-        method=method,
-        title=PAPER_TITLE,
-        paper_id=PAPER_ID,
-        note=NAMING_NOTE,
-        formula=formula,
-        base_model=base_model or "unknown",
-        dataset=dataset_name or "not recorded",
-        rows=rows.replace("\n", "\n"),
-        citation=CITATION,
-    )
+```bibtex
+{CITATION}
+```
+"""
+
+
+def insert_card_section(card_path: str, section: str) -> None:
+    """Insert `section` into the model card at `card_path`, before TRL's "Framework versions" (or at the end)."""
+    with open(card_path, encoding="utf-8") as f:
+        card = f.read()
+    marker = "### Framework versions"
+    card = card.replace(marker, section + "\n" + marker, 1) if marker in card else card + "\n" + section
+    with open(card_path, "w", encoding="utf-8") as f:
+        f.write(card)
