@@ -2,36 +2,20 @@
 
 import json
 import os
-import random
 
 import pytest
 import torch
+from by_hand import WORDS, logp_by_hand, spaced_pairs
 from datasets import Dataset, DatasetDict
 
 from trl_cpo import audit
 from trl_cpo.losses import cpo_margin, ecpoc_target
 from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
-WORDS = "red blue green small big cat dog bird runs sleeps eats fast slow happy sad the a is very not".split()
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}assistant : {% endif %}"
 )
-
-
-def explicit_pairs(n=12, seed=0):
-    """Explicit-prompt pairs; completions start with a space, as in TRL's examples (word-level tokenizer)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        rows.append(
-            {
-                "prompt": " ".join(rng.choices(WORDS, k=rng.randint(2, 5))),
-                "chosen": " " + " ".join(rng.choices(WORDS, k=rng.randint(1, 6))),
-                "rejected": " " + " ".join(rng.choices(WORDS, k=rng.randint(1, 6))),
-            }
-        )
-    return rows
 
 
 def implicit(rows):
@@ -100,22 +84,11 @@ def read_outputs(output_dir):
     return report, pairs
 
 
-@torch.no_grad()
-def logp_by_hand(model, tokenizer, prompt, completion):
-    """Summed log-prob of `completion` (+ eos, as TRL appends it) after `prompt`, straight from the model's logits."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]
-    assert ids[: len(prompt_ids)] == prompt_ids
-    logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-    token_logps = logprobs[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
-    return token_logps[len(prompt_ids) - 1 :].sum().item(), len(ids) - len(prompt_ids)
-
-
 @pytest.fixture(scope="module")
 def by_hand(audit_model, audit_tokenizer):
-    """Summed log-probs and completion lengths of `explicit_pairs()`, computed from the model's logits."""
+    """Summed log-probs and completion lengths of `spaced_pairs()`, computed from the model's logits."""
     columns = {"chosen": [], "chosen_len": [], "rejected": [], "rejected_len": []}
-    for row in explicit_pairs():
+    for row in spaced_pairs():
         for key in ("chosen", "rejected"):
             logp, length = logp_by_hand(audit_model, audit_tokenizer, row["prompt"], row[key])
             columns[key].append(logp)
@@ -125,7 +98,7 @@ def by_hand(audit_model, audit_tokenizer):
 
 @pytest.mark.parametrize("length_normalize", [False, True])
 def test_misalignment_rate_matches_a_by_hand_computation(tmp_path, audit_model_dir, by_hand, length_normalize):
-    rows = explicit_pairs()
+    rows = spaced_pairs()
     data = write(rows, tmp_path / "pairs.jsonl", "jsonl")
     flag = "--length_normalize" if length_normalize else "--no-length_normalize"
     assert run("--model", audit_model_dir, "--dataset", data, flag, "--batch_size", 5, output_dir=tmp_path) == 0
@@ -162,7 +135,7 @@ def test_misalignment_rate_matches_a_by_hand_computation(tmp_path, audit_model_d
     ],
 )
 def test_every_input_format(tmp_path, audit_model_dir, by_hand, fmt, name, shape, extra, capsys):
-    rows = explicit_pairs()
+    rows = spaced_pairs()
     if shape == "implicit":
         rows = implicit(rows)
     elif shape.startswith("conversational"):
@@ -182,7 +155,7 @@ def test_every_input_format(tmp_path, audit_model_dir, by_hand, fmt, name, shape
 
 
 def test_max_samples_max_length_and_4bit(tmp_path, audit_model_dir):
-    rows = explicit_pairs()
+    rows = spaced_pairs()
     data = write(rows, tmp_path / "pairs.jsonl", "jsonl")
     assert run("--model", audit_model_dir, "--dataset", data, "--max_samples", 5, output_dir=tmp_path / "a") == 0
     assert read_outputs(tmp_path / "a")[0]["num_pairs_scored"] == 5
@@ -210,7 +183,7 @@ def no_pad_model_dir(tmp_path_factory, audit_model, audit_tokenizer):
 
 
 def test_no_pad_token_is_an_error_unless_given(tmp_path, no_pad_model_dir, capsys):
-    data = write(explicit_pairs(4), tmp_path / "pairs.jsonl", "jsonl")
+    data = write(spaced_pairs(4), tmp_path / "pairs.jsonl", "jsonl")
     assert run("--model", no_pad_model_dir, "--dataset", data, output_dir=tmp_path / "a") == audit.USER_ERROR
     err = capsys.readouterr().err
     assert "has no pad token" in err and "--pad_token '</s>'" in err and no_pad_model_dir in err
@@ -220,7 +193,7 @@ def test_no_pad_token_is_an_error_unless_given(tmp_path, no_pad_model_dir, capsy
 
 
 def _bad_inputs(tmp_path, model_dir):
-    rows = explicit_pairs(4)
+    rows = spaced_pairs(4)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n{not json\n')
     (tmp_path / "data.csv").write_text("prompt,chosen,rejected\na,b,c\n")
     (tmp_path / "plain_folder").mkdir()
@@ -277,7 +250,7 @@ def test_bad_inputs_exit_nonzero_with_a_message(tmp_path, audit_model_dir, capsy
 
 
 def test_conversational_data_needs_a_chat_template(tmp_path, no_pad_model_dir, capsys):
-    data = write(conversational(explicit_pairs(4)), tmp_path / "chat.jsonl", "jsonl")
+    data = write(conversational(spaced_pairs(4)), tmp_path / "chat.jsonl", "jsonl")
     argv = ("--model", no_pad_model_dir, "--dataset", data, "--pad_token", "</s>")
     assert run(*argv, output_dir=tmp_path / "out") == audit.USER_ERROR
     assert "no chat template" in capsys.readouterr().err
