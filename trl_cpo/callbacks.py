@@ -9,11 +9,16 @@ gathered over ranks).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers import TrainerCallback
 from trl.models.utils import disable_gradient_checkpointing
 
 from .metrics import ref_misaligned_fraction, u_fraction
+
+if TYPE_CHECKING:
+    from trl import DPOTrainer
 
 # Batch keys of a preference batch that are not model inputs ("reference_margin" is the CPO / E-CPOC margin column).
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps", "reference_margin")
@@ -60,7 +65,7 @@ class UFractionCallback(TrainerCallback):
     LD-DPO weighting (``ld_alpha``) is not supported: U is measured on plain summed or averaged log-probs.
     """
 
-    def __init__(self, trainer, length_normalize: bool | None = None):
+    def __init__(self, trainer: DPOTrainer, length_normalize: bool | None = None):
         if getattr(trainer, "ld_alpha", None) is not None:
             raise ValueError(
                 "UFractionCallback does not support ld_alpha (LD-DPO weighting): it measures U on plain summed or "
