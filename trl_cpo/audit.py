@@ -366,8 +366,7 @@ def score_pairs(model, tokenizer, dataset, *, batch_size: int, max_length: int |
         for p, c, r in zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"])
     ]
     truncated = sum(length > max_length for length in full_lengths) if max_length else 0
-    is_main = trainer.accelerator.is_main_process
-    return reference, rows, truncated, is_main
+    return reference, rows, truncated, trainer.accelerator
 
 
 # -- report ------------------------------------------------------------------------------------------------------------
@@ -397,12 +396,16 @@ def recommendation(rate: float, space: str) -> str:
         f"{share}: DPO's equivalence assumption is violated on this share of pairs (the reference prefers the "
         "rejected response), where DPO can lower its loss while the policy still prefers the rejected response."
     )
+    # The 5% / 20% thresholds are rules of thumb for the wording, not values from the paper.
     if rate < 0.05:
-        advice = " Few pairs are affected: DPO and CPO should behave alike; watch eval_u_fraction if you train DPO."
+        advice = (
+            " Few pairs are affected, so DPO's assumption holds on most of this data; if you train with DPO, watch "
+            "eval_u_fraction (trl_cpo.callbacks.UFractionCallback)."
+        )
     elif rate < 0.2:
         advice = (
             " Consider CPOTrainer (gamma 0.05) or ECPOCTrainer, or at least watch eval_u_fraction with "
-            "trl_cpo.UFractionCallback."
+            "trl_cpo.callbacks.UFractionCallback."
         )
     else:
         advice = (
@@ -427,7 +430,7 @@ def build_report(args, reference, rows: list[int], num_input: int, truncated: in
     report = {
         "model": os.path.abspath(args.model),
         "dataset": os.path.abspath(args.dataset),
-        "split": args.split,
+        "split": args.split if os.path.isdir(args.dataset) else None,
         "num_pairs_input": num_input,
         "num_pairs_scored": len(rows),
         "num_pairs_dropped": num_input - len(rows),
@@ -476,14 +479,22 @@ def format_table(report: dict) -> str:
     rows = [
         ("delta_ref", report["delta_ref"]),
         (f"CPO margin (gamma={cpo['gamma']:g}, {cpo['margin_type']})", cpo["margin"]),
-        (f"E-CPOC target (gamma={ecpoc['gamma']:g}, tau={ecpoc['tau']}, alpha={ecpoc['alpha']:g})", ecpoc["target"]),
+        (
+            f"E-CPOC target (gamma={ecpoc['gamma']:g}, tau={float(ecpoc['tau']):g}, alpha={ecpoc['alpha']:g})",
+            ecpoc["target"],
+        ),
     ]
     width = max(len(name) for name, _ in rows) + 2
+    pairs = f"{report['num_pairs_scored']} scored"
+    if report["max_length"]:
+        pairs += (
+            f", {report['num_pairs_dropped']} dropped (prompt fills max_length={report['max_length']}), "
+            f"{report['num_pairs_truncated']} truncated"
+        )
     lines = [
         f"model    {report['model']}",
-        f"dataset  {report['dataset']}",
-        f"pairs    {report['num_pairs_scored']} scored, {report['num_pairs_dropped']} dropped (prompt fills max_length), "
-        f"{report['num_pairs_truncated']} truncated to max_length={report['max_length']}",
+        f"dataset  {report['dataset']}" + (f" (split {report['split']})" if report["split"] else ""),
+        f"pairs    {pairs}",
         f"space    {report['log_prob_space']} log-probs",
         "",
         " " * width + "".join(f"{h:>10}" for h in headers),
@@ -603,7 +614,7 @@ def run_audit(args: argparse.Namespace) -> dict:
         # Deprecation notices that transformers raises from inside TRL's own calls: nothing the user can act on.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        reference, rows, truncated, is_main = score_pairs(
+        reference, rows, truncated, accelerator = score_pairs(
             model,
             tokenizer,
             dataset,
@@ -612,7 +623,8 @@ def run_audit(args: argparse.Namespace) -> dict:
             work_dir=work_dir,
         )
     report, pairs = build_report(args, reference, rows, len(dataset), truncated)
-    if is_main:
+    report["num_processes"] = accelerator.num_processes
+    if accelerator.is_main_process:
         written = write_outputs(args.output_dir, report, pairs)
         print(format_table(report))
         print("wrote    " + ", ".join(written))
