@@ -141,25 +141,22 @@ DDP_SCRIPT = textwrap.dedent(
     from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(WORDS)
-    args = DPOConfig(
-        sys.argv[1], use_cpu=True, bf16=False, report_to="none", max_steps=1, eval_strategy="steps", eval_steps=1,
-        per_device_train_batch_size=2, per_device_eval_batch_size=2, save_strategy="no", learning_rate=5e-2,
-    )
+    args = DPOConfig(sys.argv[1], use_cpu=True, bf16=False, report_to="none", per_device_eval_batch_size=2)
     trainer = DPOTrainer(
         build_tiny_llama(tok, seed=0), ref_model=build_tiny_llama(tok, seed=1), args=args,
-        train_dataset=Dataset.from_list(spaced_pairs(8, seed=0)), eval_dataset=Dataset.from_list(spaced_pairs(7, 1)),
+        train_dataset=Dataset.from_list(spaced_pairs(4, seed=0)), eval_dataset=Dataset.from_list(spaced_pairs(7, 6)),
         processing_class=tok,
     )
     callback = UFractionCallback(trainer)
     trainer.add_callback(callback)
-    trainer.train()
+    metrics = trainer.evaluate()
     per_pair = callback.per_pair_logps(trainer.get_eval_dataloader())
     if trainer.accelerator.is_main_process:
-        trainer.model.save_pretrained(sys.argv[1] + "/policy")
         with open(sys.argv[1] + "/result.json", "w") as f:
             json.dump({
                 "num_processes": trainer.accelerator.num_processes,
                 "rows": len(per_pair["policy_chosen"]),
+                "metrics": metrics,
                 "log_history": trainer.state.log_history,
             }, f)
     """
@@ -183,10 +180,10 @@ def test_gathers_over_two_processes(tmp_path, tok):
     assert result["rows"] == 7  # gathered over ranks, the duplicate that filled the last step dropped
     logged = [r for r in result["log_history"] if "eval_u_fraction" in r]
     assert len(logged) == 1
-    from transformers import AutoModelForCausalLM
-
-    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
-    expected = by_hand(policy, build_tiny_llama(tok, seed=1).eval(), tok, spaced_pairs(7, 1), length_normalize=False)
+    # Before any training step the policy is the seed-0 model and the reference the seed-1 model.
+    policy, reference = build_tiny_llama(tok, seed=0).eval(), build_tiny_llama(tok, seed=1).eval()
+    expected = by_hand(policy, reference, tok, spaced_pairs(7, 6), length_normalize=False)
     assert logged[0]["eval_u_fraction"] == pytest.approx(expected["u_fraction"], abs=1e-6)
     assert logged[0]["eval_ref_misaligned_fraction"] == pytest.approx(expected["ref_misaligned_fraction"], abs=1e-6)
-    assert 0 < expected["ref_misaligned_fraction"] < 1
+    assert result["metrics"]["eval_u_fraction"] == logged[0]["eval_u_fraction"]
+    assert 0 < expected["u_fraction"] < 1 and 0 < expected["ref_misaligned_fraction"] < 1

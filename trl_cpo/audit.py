@@ -476,15 +476,7 @@ def format_table(report: dict) -> str:
     columns = ["min", "q01", "q05", "q25", "q50", "q75", "q95", "q99", "max", "mean"]
     headers = ["min", "1%", "5%", "25%", "median", "75%", "95%", "99%", "max", "mean"]
     cpo, ecpoc = report["cpo"], report["ecpoc"]
-    rows = [
-        ("delta_ref", report["delta_ref"]),
-        (f"CPO margin (gamma={cpo['gamma']:g}, {cpo['margin_type']})", cpo["margin"]),
-        (
-            f"E-CPOC target (gamma={ecpoc['gamma']:g}, tau={float(ecpoc['tau']):g}, alpha={ecpoc['alpha']:g})",
-            ecpoc["target"],
-        ),
-    ]
-    width = max(len(name) for name, _ in rows) + 2
+    rows = [("delta_ref", report["delta_ref"]), ("CPO margin", cpo["margin"]), ("E-CPOC target", ecpoc["target"])]
     pairs = f"{report['num_pairs_scored']} scored"
     if report["max_length"]:
         pairs += (
@@ -496,11 +488,13 @@ def format_table(report: dict) -> str:
         f"dataset  {report['dataset']}" + (f" (split {report['split']})" if report["split"] else ""),
         f"pairs    {pairs}",
         f"space    {report['log_prob_space']} log-probs",
+        f"CPO      gamma={cpo['gamma']:g}, margin_type={cpo['margin_type']}, max_margin={cpo['max_margin']:g}",
+        f"E-CPOC   gamma={ecpoc['gamma']:g}, tau={float(ecpoc['tau']):g}, alpha={ecpoc['alpha']:g}",
         "",
-        " " * width + "".join(f"{h:>10}" for h in headers),
+        " " * 15 + "".join(f"{h:>9}" for h in headers),
     ]
     for name, summary in rows:
-        lines.append(f"{name:<{width}}" + "".join(f"{summary[c]:>10.4g}" for c in columns))
+        lines.append(f"{name:<15}" + "".join(f"{summary[c]:>9.3g}" for c in columns))
     by_space = ", ".join(f"{s}: {100 * r:.1f}%" for s, r in report["misalignment_rate_by_space"].items())
     lines += [
         "",
