@@ -1,0 +1,155 @@
+"""`UFractionCallback`: watch a DPO run for the undesirable solution space U at every evaluation, without changing trainers.
+
+DPO can lower its loss on a pair while the policy still prefers the rejected response, whenever the reference does too
+(``delta_ref < delta_pi < 0``, the space U of arXiv:2605.20834, Def. 3.3). This callback measures, at each evaluation
+and on each eval set, the share of pairs in U and the share the reference gets wrong, with the trainer's own collator,
+reference handling (``ref_model``, PEFT adapter or precomputed reference log-probs) and processes (results are
+gathered over ranks).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import TrainerCallback
+from trl.models.utils import disable_gradient_checkpointing
+
+from .metrics import ref_misaligned_fraction, u_fraction
+
+if TYPE_CHECKING:
+    from trl import DPOTrainer
+
+# Batch keys of a preference batch that are not model inputs ("reference_margin" is the CPO / E-CPOC margin column).
+_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps", "reference_margin")
+
+_PER_PAIR_NAMES = (
+    "policy_chosen",
+    "policy_rejected",
+    "ref_chosen",
+    "ref_rejected",
+    "chosen_lengths",
+    "rejected_lengths",
+)
+
+
+class UFractionCallback(TrainerCallback):
+    r"""Log ``u_fraction`` and ``ref_misaligned_fraction`` of the eval set at each evaluation of a DPO-style trainer.
+
+    Works with a plain ``trl.DPOTrainer`` and with ``CPOTrainer`` / ``ECPOCTrainer``:
+
+        trainer = DPOTrainer(model, args=DPOConfig(..., eval_strategy="steps"), train_dataset=..., eval_dataset=...)
+        trainer.add_callback(UFractionCallback(trainer))
+
+    After each evaluation of an eval set it runs the current policy over that set (the same batches the evaluation
+    used), reads the reference log-probs the way the trainer does (precomputed columns, ``ref_model``, or the policy
+    with its PEFT adapter disabled), gathers the per-pair results over all processes and computes
+
+        u_fraction              = mean(delta_ref < delta_pi < 0)
+        ref_misaligned_fraction = mean(delta_ref < 0)
+
+    with ``delta = logp(y_w) - logp(y_l)`` in one log-prob space. The values are logged with the evaluation's prefix
+    (``eval_u_fraction``, ``eval_ref_misaligned_fraction``; ``eval_<name>_...`` for a dict of eval sets) through
+    ``trainer.log``, so they reach ``trainer.state.log_history`` (as a record right after the evaluation's own, at the
+    same step) and every reporter (TensorBoard, W&B, ...). They are also added to the metrics dict that ``evaluate``
+    returns, so ``metric_for_best_model="eval_u_fraction"`` works and callbacks added after this one see them.
+
+    Args:
+        trainer: the ``trl.DPOTrainer`` (or subclass) to watch.
+        length_normalize: log-prob space. ``None`` (default) follows the trainer's loss: ``args.length_normalize``
+            for ``CPOConfig`` / ``ECPOCConfig``, otherwise per-token averages if ``loss_type`` contains
+            ``"sigmoid_norm"`` and sums if not. ``True`` averages log-probs per completion token, ``False`` sums them.
+
+    Cost: one extra no-grad forward of the policy over the eval set per evaluation (DPOTrainer's evaluation does not
+    expose its per-pair log-probs), plus one of the reference when the trainer does not precompute it.
+    LD-DPO weighting (``ld_alpha``) is not supported: U is measured on plain summed or averaged log-probs.
+    """
+
+    def __init__(self, trainer: DPOTrainer, length_normalize: bool | None = None):
+        if getattr(trainer, "ld_alpha", None) is not None:
+            raise ValueError(
+                "UFractionCallback does not support ld_alpha (LD-DPO weighting): it measures U on plain summed or "
+                "per-token log-probs. Unset ld_alpha, or do not add this callback."
+            )
+        self.trainer = trainer
+        if length_normalize is None:
+            length_normalize = getattr(trainer.args, "length_normalize", None)
+        if length_normalize is None:
+            length_normalize = "sigmoid_norm" in list(getattr(trainer, "loss_types", None) or trainer.args.loss_type)
+        self.length_normalize = bool(length_normalize)
+
+    def on_evaluate(self, args, state, control, metrics=None, eval_dataloader=None, **kwargs):
+        if eval_dataloader is None or metrics is None:
+            return
+        prefix = _metric_prefix(metrics)
+        values = {f"{prefix}_{name}": value for name, value in self.compute(eval_dataloader).items()}
+        metrics.update(values)
+        self.trainer.log(dict(values))
+
+    @torch.no_grad()
+    def per_pair_logps(self, dataloader) -> dict[str, torch.Tensor]:
+        """Per-pair policy and reference log-probs (summed) and completion lengths over `dataloader`, on every rank.
+
+        `dataloader` yields the trainer's preference batches (e.g. `trainer.get_eval_dataloader()`); results are
+        gathered over processes, one row per pair.
+        """
+        trainer = self.trainer
+        policy = trainer.model
+        reference = trainer.ref_model or trainer.model
+        was_training = policy.training
+        policy.eval()
+        try:
+            parts = [self._batch_logps(policy, reference, batch) for batch in dataloader]
+        finally:
+            policy.train(was_training)
+        return {name: torch.cat(column) for name, column in zip(_PER_PAIR_NAMES, zip(*parts))}
+
+    def _batch_logps(self, policy, reference, batch) -> list[torch.Tensor]:
+        trainer = self.trainer
+        batch = trainer._prepare_inputs(batch)
+        policy_chosen, policy_rejected = self._policy_logps(policy, batch)
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            ref_batch = {k: v for k, v in batch.items() if k != "reference_margin"}
+            ref_chosen, ref_rejected = trainer.compute_ref_log_probs(reference, ref_batch)
+        lengths = batch["completion_mask"].sum(dim=1).float()
+        per_pair = (policy_chosen, policy_rejected, ref_chosen, ref_rejected, *lengths.chunk(2, dim=0))
+        gathered = trainer.accelerator.gather_for_metrics(tuple(t.float() for t in per_pair))
+        return [t.cpu() for t in gathered]
+
+    def compute(self, dataloader) -> dict[str, float]:
+        """`u_fraction` and `ref_misaligned_fraction` over `dataloader`, in this callback's log-prob space."""
+        logps = self.per_pair_logps(dataloader)
+        space = [logps["policy_chosen"], logps["policy_rejected"], logps["ref_chosen"], logps["ref_rejected"]]
+        if self.length_normalize:
+            lengths = (logps["chosen_lengths"].clamp(min=1), logps["rejected_lengths"].clamp(min=1))
+            space = [values / lengths[i % 2] for i, values in enumerate(space)]
+        return {
+            "u_fraction": u_fraction(*space).item(),
+            "ref_misaligned_fraction": ref_misaligned_fraction(*space[2:]).item(),
+        }
+
+    def _policy_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # The policy's summed completion log-probs, computed as DPOTrainer computes them (fused LM head, completion
+        # tokens only), but without a loss.
+        trainer = self.trainer
+        completion_mask = batch["completion_mask"]
+        model_kwargs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+        labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+        with (
+            disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs),
+            trainer.accelerator.autocast(),
+        ):
+            outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
+        # Prompt-learning PEFT prepends virtual tokens; keep the positions of the real (shifted) tokens.
+        per_token = outputs.log_probs[:, -(completion_mask.size(1) - 1) :]
+        return per_token.sum(dim=1).chunk(2, dim=0)
+
+
+def _metric_prefix(metrics: dict) -> str:
+    # `Trainer.evaluate` always adds `<prefix>_runtime`; the prefix is "eval", or "eval_<name>" for a dict of eval sets.
+    for key in metrics:
+        if key.endswith("_runtime"):
+            return key[: -len("_runtime")]
+    return "eval"
