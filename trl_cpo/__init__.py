@@ -3,6 +3,7 @@
 Not TRL's Contrastive Preference Optimization (`trl.experimental.cpo`): same acronym, different algorithm.
 """
 
+from .callbacks import UFractionCallback
 from .cpo_config import CPOConfig
 from .cpo_trainer import CPOTrainer
 from .ecpoc_config import ECPOCConfig
@@ -18,5 +19,6 @@ __all__ = [
     "ECPOCTrainer",
     "ReferenceLogps",
     "ReferenceMarginCheckpoint",
+    "UFractionCallback",
     "compute_reference_logps",
 ]
