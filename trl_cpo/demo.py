@@ -507,6 +507,8 @@ def _settings_line(args: argparse.Namespace) -> str:
 
 
 COLORS = {"DPO": "tab:red", "CPO": "tab:blue", "E-CPOC": "tab:green"}
+#: CPO dashed, so that it stays visible where it overlaps DPO.
+LINESTYLES = {"DPO": "-", "CPO": "--", "E-CPOC": "-"}
 
 
 def _pyplot():
@@ -531,7 +533,7 @@ def plot_curves(result: dict[str, Any], path: str) -> bool:
     ax_acc, ax_u = axes[0], axes[1]
     for name, method in result["methods"].items():
         steps = [h["step"] for h in method["history"]]
-        style = {"label": name, "color": COLORS.get(name), "lw": 1.8}
+        style = {"label": name, "color": COLORS.get(name), "ls": LINESTYLES.get(name, "-"), "lw": 1.8}
         ax_acc.plot(steps, [h["accuracy"] for h in method["history"]], **style)
         ax_u.plot(steps, [h["u_fraction"] for h in method["history"]], **style)
         if show_dpi:
@@ -547,42 +549,59 @@ def plot_curves(result: dict[str, Any], path: str) -> bool:
         ax.axhspan(ref["mean_delta_ref_misaligned"], 0, color="tab:red", alpha=0.08, label="U (at mean delta_ref)")
         ax.axhline(0, color="black", lw=0.8)
         ax.axhline(ref["mean_delta_ref_misaligned"], color="gray", ls="--", lw=1, label="mean delta_ref")
-        ax.set(title="mean delta_pi where delta_ref < 0 (dotted: targets)", xlabel="step")
+        ax.plot([], [], color="black", ls=":", lw=1.2, label="each loss's target")
+        ax.set(title="mean delta_pi where delta_ref < 0", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        if ax is axes[-1] and show_dpi:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=8, loc="best")
     fig.suptitle(
         f"corruption {result['corruption']:.2f}: reference prefers the rejected response on "
         f"{ref['misaligned_rate']:.0%} of held-out pairs",
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
 def plot_sweep(results: Sequence[dict[str, Any]], methods: Sequence[str], path: str) -> bool:
-    """Final held-out accuracy and U-fraction against the corruption ratio. False if matplotlib is missing."""
+    """Final held-out numbers against the corruption ratio, one line per method. False if matplotlib is missing."""
     plt = _pyplot()
     if plt is None:
         return False
     ratios = [r["corruption"] for r in results]
-    fig, (ax_acc, ax_u) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100, constrained_layout=True)
+    fig, (ax_acc, ax_u, ax_dpi) = plt.subplots(1, 3, figsize=(13.5, 3.5), dpi=90)
+    # The reference is drawn wide and pale underneath, so that methods which stay on it remain visible.
+    under = {"color": "gray", "lw": 6, "alpha": 0.3, "solid_capstyle": "round"}
+    ax_acc.plot(ratios, [r["reference"]["accuracy"] for r in results], label="reference", **under)
+    ax_u.plot(ratios, [r["reference"]["misaligned_rate"] for r in results], label="ref. misaligned rate", **under)
+    wrong = [r for r in results if r["reference"]["mean_delta_ref_misaligned"] is not None]
+    wrong_ratios = [r["corruption"] for r in wrong]
+    ax_dpi.plot(wrong_ratios, [r["reference"]["mean_delta_ref_misaligned"] for r in wrong], label="delta_ref", **under)
     for name in methods:
+        style = {"label": name, "color": COLORS.get(name), "ls": LINESTYLES.get(name, "-"), "marker": "o", "ms": 4}
         finals = [r["methods"][name]["final"] for r in results]
-        ax_acc.plot(ratios, [f["accuracy"] for f in finals], "o-", label=name, color=COLORS.get(name))
-        ax_u.plot(ratios, [f["u_fraction"] for f in finals], "o-", label=name, color=COLORS.get(name))
-    ax_acc.plot(ratios, [r["reference"]["accuracy"] for r in results], "s--", color="gray", label="reference")
-    ax_u.plot(
-        ratios, [r["reference"]["misaligned_rate"] for r in results], "s:", color="gray", label="ref. misaligned"
-    )
-    ax_acc.set(title="final held-out accuracy", xlabel="corruption ratio", ylim=(-0.02, 1.02))
+        ax_acc.plot(ratios, [f["accuracy"] for f in finals], **style)
+        ax_u.plot(ratios, [f["u_fraction"] for f in finals], **style)
+        ax_dpi.plot(
+            wrong_ratios, [r["methods"][name]["final"]["mean_delta_pi_ref_misaligned"] for r in wrong], **style
+        )
+    ax_dpi.axhline(0, color="black", lw=0.8)
+    ax_acc.set(title="final held-out accuracy (delta_pi > 0)", xlabel="corruption ratio", ylim=(-0.02, 1.02))
     ax_u.set(title="final held-out U-fraction", xlabel="corruption ratio", ylim=(-0.02, 1.02))
-    for ax in (ax_acc, ax_u):
+    ax_dpi.set(title="final mean delta_pi where delta_ref < 0", xlabel="corruption ratio")
+    for ax in (ax_acc, ax_u, ax_dpi):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    fig.savefig(path)
+        if ax is ax_dpi:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return True
 
