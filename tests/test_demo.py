@@ -186,3 +186,12 @@ def test_cli_help_and_bad_arguments(capsys):
         with pytest.raises(SystemExit) as exit_info:
             demo.main(bad)
         assert exit_info.value.code == 2
+
+
+def test_plots_are_skipped_without_matplotlib(sweep_run, monkeypatch, tmp_path):
+    # matplotlib is an optional extra ('trl-cpo[demo]'): without it the demo still writes the table and JSON.
+    results = json.loads((sweep_run / "results.json").read_text())["results"]
+    monkeypatch.setattr(demo, "_pyplot", lambda: None)
+    assert demo.plot_curves(results[1], str(tmp_path / "curves.png")) is False
+    assert demo.plot_sweep(results, list(demo.METHODS), str(tmp_path / "sweep.png")) is False
+    assert not list(tmp_path.iterdir())

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--eval_every", type=int, default=10, help="Measure on held-out pairs every N steps.")
     run.add_argument("--seed", type=int, default=0, help="Seed of the data, the model, the reference and training.")
-    run.add_argument("--output_dir", default="trl-cpo-demo", help="Where the table, PNG(s) and JSON are written.")
+    run.add_argument("--output_dir", default="demo_output", help="Where the table, PNG(s) and JSON are written.")
     run.add_argument(
         "--num_threads",
         type=int,
