@@ -6,7 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("trl_cpo.demo", "Watch DPO fall into U and CPO stay out, on a tiny model trained on CPU."),
+    "demo": ("trl_cpo.demo", "Train DPO, CPO and E-CPOC from a corrupted reference on CPU; see which end in U."),
     "audit": ("trl_cpo.audit", "Measure how often a reference model prefers the rejected response of a dataset."),
 }
 

@@ -97,7 +97,8 @@ def compute_reference_logps(trainer, dataset: Dataset, *, batch_size: int, desc:
     loader = trainer.accelerator.prepare(loader)
     model = _reference_model(trainer)
     parts: list[tuple[torch.Tensor, ...]] = []
-    for batch in tqdm(loader, desc=desc, disable=not trainer.accelerator.is_local_main_process):
+    show_progress = trainer.accelerator.is_local_main_process and not os.environ.get("TQDM_DISABLE")
+    for batch in tqdm(loader, desc=desc, disable=not show_progress):
         chosen, rejected = trainer.compute_ref_log_probs(model, batch)
         chosen_lengths, rejected_lengths = completion_lengths(batch["completion_mask"])
         # gather_for_metrics drops the samples that even_batches duplicated to fill the last step, so the
