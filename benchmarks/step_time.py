@@ -194,6 +194,15 @@ def _tokens_per_step(trainer, args):
     return statistics.mean(lengths) * args.batch
 
 
+def _child_flags(args):
+    flags = []
+    for name, value in vars(args).items():
+        if name in ("json", "child", "workdir") or value is None or value is False:
+            continue
+        flags += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return flags
+
+
 def main(argv=None):
     args = _parse(argv)
     if args.child:
@@ -207,7 +216,7 @@ def main(argv=None):
             order = TRAINERS[round_index % len(TRAINERS) :] + TRAINERS[: round_index % len(TRAINERS)]
             for name in order:
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--workdir", workdir]
-                cmd += [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
+                cmd += _child_flags(args)
                 env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
