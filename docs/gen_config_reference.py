@@ -19,14 +19,6 @@ MARKER = re.compile(r"^<!-- config-reference: (\w+) -->[ \t]*$", re.MULTILINE)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _default(field: dataclasses.Field):
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return dataclasses.MISSING
-
-
 def _type_name(annotation) -> str:
     if isinstance(annotation, str):
         return annotation
@@ -35,6 +27,12 @@ def _type_name(annotation) -> str:
 
 def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _default(field: dataclasses.Field):
+    from trl_cpo._config_utils import field_default  # imported late: the hook puts the repo on sys.path first
+
+    return field_default(field)
 
 
 def _code(value) -> str:

@@ -1,4 +1,9 @@
-"""Shared test helpers: CPU configs and by-hand log-probs."""
+"""Shared test helpers: CPU configs, by-hand log-probs, scripts and subprocesses."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
 
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -42,3 +47,26 @@ def sequence_logps(model, tokenizer, rows, max_length=1024):
     logps = (token_logps * mask).sum(dim=1)
     lengths = batch["completion_mask"].sum(dim=1).float()
     return logps.chunk(2), lengths.chunk(2)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str, path: Path):
+    """Import a script by path (registered in sys.modules first, as dataclasses need)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for launching the repo's scripts offline in a child process (torchrun, accelerate launch)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
+    env.update(HF_HUB_DISABLE_TELEMETRY="1", WANDB_DISABLED="true", OMP_NUM_THREADS="1")
+    return env

@@ -15,7 +15,7 @@ from trl import DPOConfig, DPOTrainer
 
 from trl_cpo import CPOConfig, CPOTrainer
 from trl_cpo.callbacks import UFractionCallback
-from trl_cpo.metrics import ref_misaligned_fraction, u_fraction
+from trl_cpo.metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def by_hand(policy, reference, tokenizer, rows, length_normalize):
     policy_c, policy_r = pair_logps(policy, tokenizer, rows, length_normalize)
     ref_c, ref_r = pair_logps(reference, tokenizer, rows, length_normalize)
     return {
-        "u_fraction": u_fraction(policy_c, policy_r, ref_c, ref_r).item(),
+        "u_fraction": u_fraction(policy_c, policy_r, ref_c, ref_r, atol=U_FRACTION_ATOL).item(),
         "ref_misaligned_fraction": ref_misaligned_fraction(ref_c, ref_r).item(),
     }
 
@@ -90,7 +90,7 @@ def test_logs_u_fraction_on_a_plain_dpo_trainer(tmp_path, tok, setup):
         with policy.disable_adapter():
             ref_c, ref_r = pair_logps(policy, tok, rows, length_normalize=True)
         expected = {
-            "u_fraction": u_fraction(policy_c, policy_r, ref_c, ref_r).item(),
+            "u_fraction": u_fraction(policy_c, policy_r, ref_c, ref_r, atol=U_FRACTION_ATOL).item(),
             "ref_misaligned_fraction": ref_misaligned_fraction(ref_c, ref_r).item(),
         }
     # The last evaluation ran on the final weights.

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_pairs
 from datasets import Dataset
+from helpers import subprocess_env
 from safetensors.torch import load_file
 
 from trl_cpo.losses import cpo_margin, ecpoc_target
@@ -63,14 +63,6 @@ COMPARED = [
     "logps/chosen",
     "logps/rejected",
 ]
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
-    env.update(HF_HUB_DISABLE_TELEMETRY="1", WANDB_DISABLED="true", OMP_NUM_THREADS="1")
-    return env
 
 
 def free_port() -> int:

@@ -11,11 +11,10 @@ locally with `huggingface_hub.ModelCard` instead) and the rendering of the card 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -162,17 +161,6 @@ def test_push_full_weights_with_ecpoc_card(fake_hub, model_dir, train_dataset, t
         dataset="HuggingFaceH4/ultrafeedback_binarized",
         rows={"beta": 2.5, "gamma": 0.5, "tau": 2.0, "alpha": 1.0, "length_normalize": True},
     )
-
-
-def load_script(name: str, path: Path):
-    """Import a script by path (registered in sys.modules first, as dataclasses need)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_recipe_push_to_hub_qlora(fake_hub, tmp_path, monkeypatch):

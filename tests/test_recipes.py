@@ -10,10 +10,8 @@ accelerate on CPU, so their configs are checked as files and as the environment 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset, DatasetDict
+from helpers import load_script, subprocess_env
 from trl import DPOConfig, DPOTrainer
 
 from trl_cpo import CPOConfig, ECPOCConfig
@@ -31,17 +30,6 @@ RECIPE = REPO / "recipes" / "cpo_llama3.py"
 CONFIGS = REPO / "recipes" / "configs"
 ACCELERATE_CONFIGS = REPO / "recipes" / "accelerate_configs"
 TINY_DATA = REPO / "recipes" / "data" / "tiny_prefs.jsonl"
-
-
-def load_script(name: str, path: Path):
-    """Import a script by path (registered in sys.modules first, as dataclasses need)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +43,6 @@ def tiny_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe") / "tiny-llama"
     make_tiny_model.main([str(out)])  # the helper's own command line
     return out
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
-    env.update(HF_HUB_DISABLE_TELEMETRY="1", WANDB_DISABLED="true", OMP_NUM_THREADS="1")
-    return env
 
 
 def run_recipe(launcher: list[str], args: list[str]) -> None:

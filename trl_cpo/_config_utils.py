@@ -86,9 +86,9 @@ def upgrade_dpo_config(args: DPOConfig, config_cls):
     kwargs, upgraded = {}, []
     for name, dpo_field in dpo_fields.items():
         value = getattr(args, name)
-        if name in new_fields and _default_of(new_fields[name]) != _default_of(dpo_field):
-            if value == _default_of(dpo_field):
-                upgraded.append(f"{name}: {value!r} -> {_default_of(new_fields[name])!r}")
+        if name in new_fields and field_default(new_fields[name]) != field_default(dpo_field):
+            if value == field_default(dpo_field):
+                upgraded.append(f"{name}: {value!r} -> {field_default(new_fields[name])!r}")
                 continue
         kwargs[name] = value
     config = config_cls(**kwargs)
@@ -104,7 +104,8 @@ def upgrade_dpo_config(args: DPOConfig, config_cls):
     return config
 
 
-def _default_of(f: dataclasses.Field):
+def field_default(f: dataclasses.Field):
+    """A dataclass field's default value (calling its factory), or `dataclasses.MISSING`."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:

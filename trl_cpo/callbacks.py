@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 from trl.models.utils import disable_gradient_checkpointing
 
-from .metrics import ref_misaligned_fraction, u_fraction
+from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 
 if TYPE_CHECKING:
     from trl import DPOTrainer
@@ -45,7 +45,7 @@ class UFractionCallback(TrainerCallback):
     used), reads the reference log-probs the way the trainer does (precomputed columns, ``ref_model``, or the policy
     with its PEFT adapter disabled), gathers the per-pair results over all processes and computes
 
-        u_fraction              = mean(delta_ref < delta_pi < 0)
+        u_fraction              = mean(delta_ref + 1e-4 < delta_pi < 0)   (metrics.U_FRACTION_ATOL: round-off)
         ref_misaligned_fraction = mean(delta_ref < 0)
 
     with ``delta = logp(y_w) - logp(y_l)`` in one log-prob space. The values are logged with the evaluation's prefix
@@ -126,7 +126,7 @@ class UFractionCallback(TrainerCallback):
             lengths = (logps["chosen_lengths"].clamp(min=1), logps["rejected_lengths"].clamp(min=1))
             space = [values / lengths[i % 2] for i, values in enumerate(space)]
         return {
-            "u_fraction": u_fraction(*space).item(),
+            "u_fraction": u_fraction(*space, atol=U_FRACTION_ATOL).item(),
             "ref_misaligned_fraction": ref_misaligned_fraction(*space[2:]).item(),
         }
 
