@@ -200,6 +200,8 @@ def _bad_inputs(tmp_path, model_dir):
     no_rejected = [{"prompt": r["prompt"], "chosen": r["chosen"], "response_b": r["rejected"]} for r in rows]
     empty = [dict(r) for r in rows]
     empty[2]["rejected"] = "  "
+    wrong_type = [dict(r) for r in rows]
+    wrong_type[1]["chosen"] = 1
     empty_chat = conversational(rows)
     empty_chat[1]["chosen"] = [{"role": "assistant", "content": ""}]
     return {
@@ -214,6 +216,10 @@ def _bad_inputs(tmp_path, model_dir):
         "empty completion": (
             ["--dataset", write(empty, tmp_path / "empty.jsonl", "jsonl")],
             ["empty.jsonl", "'rejected'", "row(s) 2", "filter"],
+        ),
+        "wrong value type": (
+            ["--dataset", write(wrong_type, tmp_path / "wrong_type.jsonl", "jsonl")],
+            ["wrong_type.jsonl", "'chosen'", "int", "row(s) 1"],
         ),
         "empty chat completion": (
             ["--dataset", write(empty_chat, tmp_path / "empty_chat.jsonl", "jsonl")],
@@ -262,3 +268,11 @@ def test_console_entry_point_reports_user_errors_without_traceback(tmp_path, aud
     argv = ["audit", "--model", audit_model_dir, "--dataset", str(tmp_path / "missing.parquet")]
     assert main(argv) == audit.USER_ERROR  # returned, not raised: no traceback
     assert "missing.parquet: no such file or folder" in capsys.readouterr().err
+
+
+def test_ties_after_truncation_are_reported_not_counted_as_aligned():
+    # two pairs differ only past the truncation point: delta_ref == 0 exactly
+    message = audit.recommendation(0.0, "summed", tie_fraction=0.5, truncated_fraction=0.5)
+    assert "every pair that is not a tie" in message and "50.0% of pairs are ties" in message
+    assert "truncated by --max_length" in message
+    assert "every pair," not in audit.recommendation(0.0, "summed", tie_fraction=0.5)

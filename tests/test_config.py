@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import sys
 
@@ -26,6 +27,10 @@ def test_ecpoc_defaults_are_the_released_settings():
 
 def test_length_normalize_picks_trl_loss_term_and_keeps_sft():
     assert CPOConfig(**CPU, length_normalize=False).loss_type == ["sigmoid"]
+    # either spelling names the CPO term; length_normalize alone sets the scale, so a config can be re-derived
+    assert CPOConfig(**CPU, loss_type="sigmoid_norm", length_normalize=False).loss_type == ["sigmoid"]
+    summed = dataclasses.replace(CPOConfig(**CPU), length_normalize=False)
+    assert summed.loss_type == ["sigmoid"] and not summed.length_normalize
     config = CPOConfig(**CPU, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.1])
     assert config.loss_type == ["sigmoid_norm", "sft"]
 
@@ -43,7 +48,6 @@ def test_length_normalize_picks_trl_loss_term_and_keeps_sft():
         (CPOConfig, {"loss_type": "ipo"}, "loss_type"),
         (CPOConfig, {"loss_type": ["hinge", "sft"]}, "loss_type"),
         (CPOConfig, {"loss_type": "sft"}, "loss_type"),
-        (CPOConfig, {"loss_type": "sigmoid_norm", "length_normalize": False}, "length_normalize"),
         (CPOConfig, {"f_divergence_type": "js_divergence"}, "f_divergence_type"),
         (CPOConfig, {"ld_alpha": 0.5}, "ld_alpha"),
         (CPOConfig, {"precompute_ref_log_probs": False}, "precompute_ref_log_probs"),
@@ -154,6 +158,20 @@ def test_default_dpo_beta_is_upgraded(model, tokenizer, train_dataset, tmp_path)
     args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
     trainer = ECPOCTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
     assert isinstance(trainer.args, ECPOCConfig) and trainer.args.beta == 2.5 and trainer.args.tau == 2.0
+    assert trainer.args.length_normalize and trainer.args.loss_type == ["sigmoid_norm"]
+
+
+@pytest.mark.parametrize("dpo_loss_type, length_normalize", [("sigmoid", False), ("sigmoid_norm", True)])
+def test_user_beta_keeps_the_dpo_log_prob_scale(tmp_path, dpo_loss_type, length_normalize):
+    # beta 0.2 was tuned for the DPO loss's scale: silently switching summed -> averaged would change its meaning
+    from trl_cpo._config_utils import upgrade_dpo_config
+
+    args = DPOConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, beta=0.2, loss_type=dpo_loss_type
+    )
+    config = upgrade_dpo_config(args, CPOConfig)
+    assert config.beta == 0.2 and config.length_normalize is length_normalize
+    assert config.loss_type == [dpo_loss_type]
 
 
 def test_no_args_gives_method_named_output_dir(model, tokenizer, train_dataset, monkeypatch, tmp_path):

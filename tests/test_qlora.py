@@ -98,7 +98,7 @@ def test_qlora_trains_against_frozen_quantized_base(
 
     # The precomputed reference is the frozen quantized base: the policy with its adapter disabled, after training.
     rows = trainer.train_dataset
-    reference = trainer.reference_logps["train"]
+    reference = trainer.train_reference_logps
     policy.eval()
     with policy.disable_adapter():
         base_chosen = sequence_logps(policy, rows, "chosen_ids")

@@ -296,7 +296,7 @@ def test_recipe_dpo_baseline_on_ultrafeedback_schema_from_disk(recipe, tiny_mode
     argv += ["--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true"]
     argv += ["--model_card_dataset_name", "HuggingFaceH4/ultrafeedback_binarized"]
     trainer = recipe.main(*recipe.parse_args(argv))
-    assert set(trainer.reference_logps) == {"train", "eval"}
+    assert trainer.train_reference_logps is not None and set(trainer.eval_reference_logps) == {"eval"}
     logs = trainer.state.log_history
     assert any("eval_u_fraction" in h for h in logs) and any("u_fraction" in h for h in logs)
     card = (tmp_path / "out" / "README.md").read_text()

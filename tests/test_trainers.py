@@ -9,7 +9,7 @@ from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
 from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
-from trl_cpo.losses import cpo_margin
+from trl_cpo.losses import cpo_loss, cpo_margin, dpo_loss
 from trl_cpo.metrics import U_FRACTION_ATOL, u_fraction
 from trl_cpo.reference import REFERENCE_FILE
 from trl_cpo.tiny import build_tiny_llama
@@ -22,9 +22,18 @@ def _train_logs(trainer):
     return [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
 
 
-@pytest.mark.parametrize("length_normalize, dpo_loss_type", [(False, "sigmoid"), (True, "sigmoid_norm")])
-def test_gamma_zero_reproduces_dpo_trajectory(tokenizer, train_dataset, tmp_path, length_normalize, dpo_loss_type):
-    common = cpu_args(tmp_path, max_steps=4, beta=0.5)
+@pytest.mark.parametrize(
+    "length_normalize, dpo_loss_type, num_pairs, extra",
+    [
+        (False, "sigmoid", 16, {}),
+        (True, "sigmoid_norm", 16, {}),
+        # an uneven last accumulation window: every micro-batch must count in the metrics, as in DPOTrainer's
+        (True, "sigmoid_norm", 10, {"gradient_accumulation_steps": 3}),
+    ],
+)
+def test_gamma_zero_reproduces_dpo_trajectory(tokenizer, tmp_path, length_normalize, dpo_loss_type, num_pairs, extra):
+    train_dataset = Dataset.from_list(make_pairs(num_pairs, seed=0))
+    common = cpu_args(tmp_path, max_steps=4, beta=0.5, **extra)
     dpo = DPOTrainer(
         model=build_tiny_llama(tokenizer),
         args=DPOConfig(**common, loss_type=dpo_loss_type, precompute_ref_log_probs=True),
@@ -40,7 +49,7 @@ def test_gamma_zero_reproduces_dpo_trajectory(tokenizer, train_dataset, tmp_path
     dpo_logs, cpo_logs = _train_logs(dpo), _train_logs(cpo)
     assert len(dpo_logs) == len(cpo_logs) == 4
     for dpo_log, cpo_log in zip(dpo_logs, cpo_logs):
-        for key in TRAJECTORY_KEYS:
+        for key in [*TRAJECTORY_KEYS, "rewards/accuracies"]:
             assert cpo_log[key] == pytest.approx(dpo_log[key], rel=1e-5, abs=1e-6), key
     # the loss really moved, so the comparison covers training, not just the initial point
     assert cpo_logs[0]["loss"] != pytest.approx(cpo_logs[-1]["loss"], rel=1e-3)
@@ -96,6 +105,33 @@ def test_logged_metrics_match_by_hand_computation(tokenizer, tmp_path, trainer_c
         assert log["ecpoc_target"] == pytest.approx(target.mean().item(), rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    "length_normalize, margin_type", [(True, "inverse_prob"), (False, "inverse_prob"), (True, "inverse_logp")]
+)
+def test_logged_loss_is_the_cpo_loss_by_hand(tokenizer, tmp_path, length_normalize, margin_type):
+    rows = make_pairs(12, seed=4)
+    policy, reference = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
+    (pc, pr), (lc, lr) = sequence_logps(policy, tokenizer, rows)
+    (rc, rr), _ = sequence_logps(reference, tokenizer, rows)
+    if length_normalize:
+        pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
+    expected = cpo_loss(pc, pr, rc, rr, beta=0.5, gamma=0.3, margin_type=margin_type, max_margin=50.0).mean()
+    args = CPOConfig(
+        **cpu_args(tmp_path, per_device_train_batch_size=12, max_steps=1, beta=0.5),
+        gamma=0.3,
+        margin_type=margin_type,
+        max_margin=50.0,
+        length_normalize=length_normalize,
+    )
+    trainer = CPOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    log = _train_logs(trainer)[0]
+    assert log["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    # and it is not DPO's: the margin matters at these settings
+    assert abs(log["loss"] - dpo_loss(pc, pr, rc, rr, beta=0.5).mean().item()) > 1e-2
+
+
 def test_eval_metrics_and_eval_set_passed_later(model, tokenizer, train_dataset, eval_dataset, tmp_path):
     # full fine-tuning keeps no reference after training starts unless one is given (DPOTrainer's rule too)
     trainer = CPOTrainer(
@@ -112,7 +148,7 @@ def test_eval_metrics_and_eval_set_passed_later(model, tokenizer, train_dataset,
     later = Dataset.from_list(make_pairs(6, seed=9))
     metrics = trainer.evaluate(eval_dataset=later)
     assert 0 <= metrics["eval_u_fraction"] <= 1 and metrics["eval_cpo_margin"] > 0
-    assert len(trainer.reference_logps["eval"]) == 6
+    assert len(trainer.eval_reference_logps["eval"]) == 6
     again = trainer.evaluate(eval_dataset=trainer.eval_dataset)  # already carries margin columns
     assert again["eval_cpo_margin"] == pytest.approx(evals[0]["eval_cpo_margin"], rel=1e-5)
 
@@ -141,7 +177,7 @@ def test_lora_reference_is_the_adapter_free_base(model, tokenizer, train_dataset
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
-    reference = trainer.reference_logps["train"]
+    reference = trainer.train_reference_logps
     torch.testing.assert_close(reference.chosen, base_chosen, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(reference.rejected, base_rejected, atol=1e-4, rtol=1e-4)
     logs = _train_logs(trainer)
@@ -188,7 +224,8 @@ def test_resume_uses_the_checkpoint_margins(tokenizer, train_dataset, tmp_path):
         assert resumed_log["cpo_margin"] == pytest.approx(full_log["cpo_margin"], rel=1e-5)
 
 
-def test_resume_with_other_training_data_fails(tokenizer, train_dataset, tmp_path):
+@pytest.mark.parametrize("other_size", [8, 16])
+def test_resume_with_other_training_data_fails(tokenizer, train_dataset, tmp_path, other_size):
     args = CPOConfig(**cpu_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2))
     CPOTrainer(
         model=build_tiny_llama(tokenizer), args=args, train_dataset=train_dataset, processing_class=tokenizer
@@ -196,11 +233,58 @@ def test_resume_with_other_training_data_fails(tokenizer, train_dataset, tmp_pat
     other = CPOTrainer(
         model=build_tiny_llama(tokenizer),
         args=args,
-        train_dataset=Dataset.from_list(make_pairs(8, seed=5)),
+        train_dataset=Dataset.from_list(make_pairs(other_size, seed=5)),  # 16: same size, other pairs
         processing_class=tokenizer,
     )
     with pytest.raises(ValueError, match="same training data"):
         other.train(resume_from_checkpoint=True)
+
+
+def test_resume_restores_eval_references_even_for_an_eval_set_named_train(tokenizer, train_dataset, tmp_path):
+    evals = {"train": Dataset.from_list(make_pairs(4, seed=6)), "test": Dataset.from_list(make_pairs(6, seed=7))}
+    args = CPOConfig(**cpu_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2))
+    first = CPOTrainer(
+        model=build_tiny_llama(tokenizer, seed=0),
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=evals,
+        processing_class=tokenizer,
+    )
+    assert len(first.train_reference_logps) == 16 and len(first.eval_reference_logps["train"]) == 4
+    first.train()
+    resumed = CPOTrainer(
+        model=build_tiny_llama(tokenizer, seed=123),  # another reference
+        args=CPOConfig(**cpu_args(tmp_path, max_steps=3, save_strategy="no")),
+        train_dataset=train_dataset,
+        eval_dataset=evals,
+        processing_class=tokenizer,
+    )
+    resumed.train(resume_from_checkpoint=True)
+    for name in ("train", "test"):
+        torch.testing.assert_close(
+            torch.tensor(resumed.eval_dataset[name]["reference_margin"]),
+            torch.tensor(first.eval_dataset[name]["reference_margin"]),
+        )
+
+
+def test_checkpoint_holds_the_reference_before_it_is_pushed(model, tokenizer, train_dataset, tmp_path, monkeypatch):
+    seen = []
+    trainer = CPOTrainer(
+        model=model,
+        args=CPOConfig(**cpu_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    # hub_strategy="checkpoint" uploads the folder from inside Trainer._save_checkpoint
+    original = trainer._save_optimizer_and_scheduler
+
+    def record(output_dir):
+        seen.append(os.path.isfile(os.path.join(output_dir, REFERENCE_FILE)))
+        return original(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", record)
+    trainer.train()
+    assert seen == [True]
 
 
 def test_bf16_training_stays_finite(model, tokenizer, train_dataset, tmp_path):

@@ -8,7 +8,7 @@ from .cpo_config import CPOConfig
 from .cpo_trainer import CPOTrainer
 from .ecpoc_config import ECPOCConfig
 from .ecpoc_trainer import ECPOCTrainer
-from .reference import ReferenceLogps, ReferenceMarginCheckpoint, compute_reference_logps
+from .reference import ReferenceLogps, compute_reference_logps, load_reference_checkpoint, save_reference_checkpoint
 
 __version__ = "0.1.0"
 
@@ -18,7 +18,8 @@ __all__ = [
     "ECPOCConfig",
     "ECPOCTrainer",
     "ReferenceLogps",
-    "ReferenceMarginCheckpoint",
     "UFractionCallback",
     "compute_reference_logps",
+    "load_reference_checkpoint",
+    "save_reference_checkpoint",
 ]

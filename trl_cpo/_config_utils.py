@@ -1,10 +1,11 @@
-"""Validation and DPOConfig upgrade shared by `CPOConfig` and `ECPOCConfig`."""
+"""What `CPOConfig` and `ECPOCConfig` share: their base dataclass, validation, and the upgrade of a plain DPOConfig."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
@@ -43,12 +44,8 @@ def normalize_and_validate(config) -> None:
             f"loss_type={loss_type} must contain exactly one preference term ('sigmoid'), got {len(preference)}. "
             f"Use loss_type='sigmoid', or ['sigmoid', 'sft'] with loss_weights."
         )
-    if preference[0] == "sigmoid_norm" and not config.length_normalize:
-        raise ValueError(
-            "loss_type='sigmoid_norm' averages log-probs per token but length_normalize=False asks for sums. "
-            "Set length_normalize=True, or loss_type='sigmoid'."
-        )
-    # `length_normalize` is the single switch for the log-prob scale: TRL's 'sigmoid' sums, 'sigmoid_norm' averages.
+    # `length_normalize` is the single switch for the log-prob scale: either spelling names the method's term, and TRL
+    # gets 'sigmoid' (sums) or 'sigmoid_norm' (per-token averages) to match it.
     term = "sigmoid_norm" if config.length_normalize else "sigmoid"
     config.loss_type = [term if lt in PREFERENCE_LOSS_TYPES else lt for lt in loss_type]
 
@@ -79,7 +76,9 @@ def upgrade_dpo_config(args: DPOConfig, config_cls):
 
     A field still at `DPOConfig`'s default takes `config_cls`'s default instead (for example `beta` 0.1 -> 2.5,
     `precompute_ref_log_probs` False -> True); a field that differs from `DPOConfig`'s default is kept. A field set
-    explicitly to `DPOConfig`'s default value cannot be told apart from an unset one and is upgraded too.
+    explicitly to `DPOConfig`'s default value cannot be told apart from an unset one and is upgraded too. When `beta`
+    is kept, so is the DPO loss's log-prob scale (`length_normalize` follows `loss_type`: 'sigmoid_norm' averages,
+    'sigmoid' sums), since that beta was chosen for it; otherwise the method's default (averaged) applies.
     """
     dpo_fields = {f.name: f for f in dataclasses.fields(DPOConfig) if f.init}
     new_fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
@@ -91,6 +90,9 @@ def upgrade_dpo_config(args: DPOConfig, config_cls):
                 upgraded.append(f"{name}: {value!r} -> {field_default(new_fields[name])!r}")
                 continue
         kwargs[name] = value
+    if "beta" in kwargs:
+        # A beta the user chose is tuned to the log-prob scale of their DPO loss: keep that scale too.
+        kwargs["length_normalize"] = "sigmoid_norm" in args.loss_type
     config = config_cls(**kwargs)
     logger.warning(
         "Got a plain DPOConfig: upgraded it to %s. Fields left at DPO defaults take %s defaults (%s); every other "
@@ -111,3 +113,48 @@ def field_default(f: dataclasses.Field):
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return dataclasses.MISSING
+
+
+@dataclass
+class _ReferenceMarginConfig(DPOConfig):
+    """DPOConfig fields whose defaults CPO and E-CPOC change, plus the log-prob scale switch. Not used directly."""
+
+    _method_name = "CPO / E-CPOC"
+
+    beta: float = field(
+        default=2.5,
+        metadata={
+            "help": "Inverse temperature of the preference loss. Default 2.5, the released CPO setting on "
+            "length-normalized log-probs (DPOConfig's default 0.1 is a summed-log-prob scale)."
+        },
+    )
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute reference log-probs and the per-pair margin (CPO) or target (E-CPOC) once before training "
+            "and for each eval set. Required: False is rejected."
+        },
+    )
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": "'sigmoid' (or 'sigmoid_norm') names the method's preference term; 'sft' can be mixed in with "
+            "loss_weights. `length_normalize` alone decides whether TRL runs the term on summed ('sigmoid') or "
+            "per-token averaged ('sigmoid_norm') log-probs, and `loss_type` is rewritten to that name."
+        },
+    )
+    length_normalize: bool = field(
+        default=True,
+        metadata={
+            "help": "Average log-probs per completion token, as the released code does (beta=2.5 assumes this "
+            "scale), instead of summing them."
+        },
+    )
+
+    def __post_init__(self):
+        self._check_method_hyperparameters()
+        normalize_and_validate(self)
+        super().__post_init__()
+
+    def _check_method_hyperparameters(self) -> None:
+        raise NotImplementedError

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from datasets import IterableDataset
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
@@ -29,10 +29,11 @@ from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import insert_card_section, method_card_section
 from .reference import (
     ReferenceLogps,
-    ReferenceMarginCheckpoint,
     checkpoint_reference_path,
     completion_lengths,
     compute_reference_logps,
+    load_reference_checkpoint,
+    save_reference_checkpoint,
     with_columns,
 )
 
@@ -107,12 +108,14 @@ class _ReferenceMarginTrainer(DPOTrainer):
         args = self._resolve_args(args, model)
         if isinstance(train_dataset, IterableDataset):
             raise ValueError(
-                f"{type(self).__name__} needs a map-style `datasets.Dataset` for `train_dataset`: the reference margin is "
-                "precomputed per pair before training, which an IterableDataset cannot hold. Materialize it with "
-                "`Dataset.from_generator(...)` or load it without `streaming=True`."
+                f"{type(self).__name__} needs a map-style `datasets.Dataset` for `train_dataset`: the reference "
+                "margin is precomputed per pair before training, which an IterableDataset cannot hold. Materialize it "
+                "with `Dataset.from_generator(...)` or load it without `streaming=True`."
             )
-        #: Reference log-probs of each precomputed dataset, keyed by name ("train", "eval", or the eval dict keys).
-        self.reference_logps: dict[str, ReferenceLogps] = {}
+        #: Reference log-probs of the train set and of each eval set (keyed like DPOTrainer names them: "eval", or
+        #: the keys of an eval dict), filled by the precompute.
+        self.train_reference_logps: ReferenceLogps | None = None
+        self.eval_reference_logps: dict[str, ReferenceLogps] = {}
         super().__init__(
             model,
             ref_model=ref_model,
@@ -124,7 +127,6 @@ class _ReferenceMarginTrainer(DPOTrainer):
         )
         self.data_collator = ReferenceMarginCollator(self.data_collator)
         self._policy_logps = _PolicyLogpsRecorder(self.model)
-        self.add_callback(ReferenceMarginCheckpoint(self))
 
     @classmethod
     def _resolve_args(cls, args, model):
@@ -141,6 +143,11 @@ class _ReferenceMarginTrainer(DPOTrainer):
             f"{type(args).__name__}."
         )
 
+    @property
+    def length_normalized(self) -> bool:
+        """Whether the loss runs on per-token averaged log-probs (TRL's 'sigmoid_norm'), read from the loss TRL runs."""
+        return "sigmoid_norm" in self.loss_types
+
     # -- the method-specific part -------------------------------------------------------------------------------------
 
     def reference_margin(self, ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor) -> torch.Tensor:
@@ -154,13 +161,14 @@ class _ReferenceMarginTrainer(DPOTrainer):
     # -- precompute ---------------------------------------------------------------------------------------------------
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
-        # Replaces DPOTrainer's precompute (same call sites: __init__ and evaluate) with one that keeps the result in
-        # memory on every rank and adds the margin column.
+        # Replaces DPOTrainer's precompute (same call sites: __init__ for the train set then each eval set, and
+        # evaluate) with one that keeps the result in memory on every rank and adds the margin column.
         if isinstance(dataset, IterableDataset):
             raise ValueError(
-                f"Dataset {name!r} is an IterableDataset; {type(self).__name__} precomputes a margin per pair and needs "
-                "a map-style `datasets.Dataset`."
+                f"Dataset {name!r} is an IterableDataset; {type(self).__name__} precomputes a margin per pair and "
+                "needs a map-style `datasets.Dataset`."
             )
+        is_train = dataset is self.train_dataset
         # A dataset that went through this step before (e.g. `evaluate(trainer.eval_dataset)`) is recomputed from
         # scratch: its old columns must not reach the reference forward.
         stale = [c for c in (*REFERENCE_COLUMNS, MARGIN_COLUMN) if c in dataset.column_names]
@@ -168,11 +176,14 @@ class _ReferenceMarginTrainer(DPOTrainer):
         reference = compute_reference_logps(
             self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
         )
-        self.reference_logps[name] = reference
+        if is_train:
+            self.train_reference_logps = reference
+        else:
+            self.eval_reference_logps[name] = reference
         return self._with_reference(dataset, reference)
 
     def _with_reference(self, dataset, reference: ReferenceLogps):
-        margin = self.reference_margin(*reference.in_loss_space(self.args.length_normalize))
+        margin = self.reference_margin(*reference.in_loss_space(self.length_normalized))
         return with_columns(
             dataset,
             {"ref_chosen_logps": reference.chosen, "ref_rejected_logps": reference.rejected, MARGIN_COLUMN: margin},
@@ -194,12 +205,12 @@ class _ReferenceMarginTrainer(DPOTrainer):
             )
         mode = "train" if self.model.training else "eval"
         margin = inputs[MARGIN_COLUMN]
-        chosen_lengths, rejected_lengths = completion_lengths(inputs["completion_mask"])
+        chosen_lengths, rejected_lengths = (n.clamp(min=1) for n in completion_lengths(inputs["completion_mask"]))
         # Raise the reference log-odds by margin/beta in the loss's space: summed log-probs take it as is; TRL's
-        # 'sigmoid_norm' divides by the completion length, so the shift is pre-multiplied by it.
+        # 'sigmoid_norm' divides by the completion length (clamped to 1, as here), so the shift is pre-multiplied.
         shift = margin / self.beta
-        if self.args.length_normalize:
-            shift = shift * chosen_lengths
+        if self.length_normalized:
+            shift = shift * chosen_lengths.to(shift.device)
         shifted = {k: v for k, v in inputs.items() if k != MARGIN_COLUMN}
         shifted["ref_chosen_logps"] = inputs["ref_chosen_logps"] + shift
         with self._policy_logps.recording():
@@ -219,10 +230,12 @@ class _ReferenceMarginTrainer(DPOTrainer):
 
     @torch.no_grad()
     def _log_reference_metrics(self, mode, *per_pair: torch.Tensor) -> None:
-        gathered = self.accelerator.gather_for_metrics(per_pair)
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, margin = gathered
-        if self.args.length_normalize:
-            chosen_len, rejected_len = chosen_len.clamp(min=1), rejected_len.clamp(min=1)
+        # Training gathers like DPOTrainer's own reward metrics. `gather_for_metrics` would drop "duplicates" from
+        # every micro-batch of the last gradient-accumulation window (the Trainer prefetches the window, so the
+        # dataloader already reports its end); in evaluation it correctly drops the samples that even_batches repeated.
+        gather = self.accelerator.gather if mode == "train" else self.accelerator.gather_for_metrics
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, margin = gather(per_pair)
+        if self.length_normalized:
             space = (policy_chosen / chosen_len, policy_rejected / rejected_len)
             space += (ref_chosen / chosen_len, ref_rejected / rejected_len)
         else:
@@ -240,7 +253,19 @@ class _ReferenceMarginTrainer(DPOTrainer):
         metrics["rewards/accuracies"][-1] = (chosen_rewards > rejected_rewards).float().mean().item()
         metrics["rewards/margins"][-1] = (chosen_rewards - rejected_rewards).mean().item()
 
-    # -- resume -------------------------------------------------------------------------------------------------------
+    # -- checkpoints and resume ---------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        # Written before the parent saves the checkpoint, because with `hub_strategy="checkpoint"` the parent also
+        # pushes the folder: the reference log-probs must already be in it.
+        if self.is_world_process_zero() and self.train_reference_logps is not None:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            os.makedirs(folder, exist_ok=True)
+            evals = {f"eval/{name}": reference for name, reference in self.eval_reference_logps.items()}
+            save_reference_checkpoint(folder, {"train": self.train_reference_logps, **evals})
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
@@ -251,24 +276,44 @@ class _ReferenceMarginTrainer(DPOTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _restore_reference(self, checkpoint: str) -> None:
-        saved = ReferenceLogps.load(checkpoint_reference_path(checkpoint))
-        current = self.reference_logps.get("train")
-        if current is None or len(saved) != len(current):
+        """Train (and evaluate) against the reference log-probs the checkpoint was trained with."""
+        saved = load_reference_checkpoint(checkpoint)
+        train = saved.pop("train")
+        current = self.train_reference_logps
+        if current is None or not train.same_pairs(current):
             raise ValueError(
-                f"Checkpoint {checkpoint} holds reference log-probs for {len(saved)} training pairs, but this trainer's "
-                f"train_dataset has {len(self.train_dataset)}. Resume with the same training data."
+                f"Checkpoint {checkpoint} was trained on other pairs than this trainer's train_dataset (it holds "
+                f"reference log-probs for {len(train)} pairs whose completion lengths differ from these "
+                f"{len(self.train_dataset)}). Resume with the same training data, in the same order."
             )
-        drift = max(
-            (saved.chosen - current.chosen).abs().max().item(), (saved.rejected - current.rejected).abs().max().item()
-        )
+        drift = max((train.chosen - current.chosen).abs().max(), (train.rejected - current.rejected).abs().max())
         if drift > 1e-4:
             logger.warning(
                 "The reference rebuilt for this run differs from the one the checkpoint was trained against (max "
                 "log-prob difference %.3g); resuming with the checkpoint's reference log-probs and margins.",
-                drift,
+                drift.item(),
             )
-        self.reference_logps["train"] = saved
-        self.train_dataset = self._with_reference(self.train_dataset, saved)
+        self.train_reference_logps = train
+        self.train_dataset = self._with_reference(self.train_dataset, train)
+        for key, reference in saved.items():
+            name = key.removeprefix("eval/")
+            dataset, current = self._eval_dataset_named(name), self.eval_reference_logps.get(name)
+            if dataset is None or current is None or not reference.same_pairs(current):
+                logger.warning("Eval set %r of the checkpoint is not among this trainer's; left as computed.", name)
+                continue
+            self.eval_reference_logps[name] = reference
+            self._set_eval_dataset_named(name, self._with_reference(dataset, reference))
+
+    def _eval_dataset_named(self, name: str):
+        if isinstance(self.eval_dataset, dict):
+            return self.eval_dataset.get(name)
+        return self.eval_dataset if name == "eval" else None
+
+    def _set_eval_dataset_named(self, name: str, dataset) -> None:
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {**self.eval_dataset, name: dataset}
+        else:
+            self.eval_dataset = dataset
 
     # -- model card ---------------------------------------------------------------------------------------------------
 
@@ -277,5 +322,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
         if not self.is_world_process_zero():
             return
         base_model = get_config_model_id(self.model.config)
+        if base_model and os.path.isdir(base_model):
+            base_model += " (a local directory: replace it with the Hub id it came from)"
         section = method_card_section(self.args, base_model=base_model, dataset_name=dataset_name)
         insert_card_section(os.path.join(self.args.output_dir, "README.md"), section)

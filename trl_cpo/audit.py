@@ -224,6 +224,17 @@ def prepare_pairs(dataset, path: str):
             "rename the columns that hold the preferred and dispreferred responses, e.g. "
             "dataset.rename_column('response_a', 'chosen')."
         )
+    for column in ("prompt", "chosen", "rejected"):
+        if column not in dataset.column_names:
+            continue
+        bad = [i for i, value in enumerate(dataset[column]) if not isinstance(value, (str, list))]
+        if bad:
+            shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+            raise AuditError(
+                f"--dataset {path}: column {column!r} holds {type(dataset[column][bad[0]]).__name__} values at row(s) "
+                f"{shown}; it must hold text (standard format) or a list of {{'role', 'content'}} messages "
+                "(conversational format). Fix or drop those rows."
+            )
     if "prompt" not in dataset.column_names:
         # Implicit prompt: the shared beginning of chosen and rejected, split off exactly as DPOTrainer does.
         dataset = dataset.map(extract_prompt, desc="Extracting the implicit prompt")
@@ -384,13 +395,25 @@ def summarize(values) -> dict[str, float]:
     return summary
 
 
-def recommendation(rate: float, space: str) -> str:
+def recommendation(rate: float, space: str, *, tie_fraction: float = 0.0, truncated_fraction: float = 0.0) -> str:
+    caveats = ""
+    if tie_fraction > 0:
+        caveats += (
+            f" {100 * tie_fraction:.1f}% of pairs are ties (delta_ref = 0: chosen and rejected score the same, e.g. "
+            "identical after truncation) and count as neither; check them in pairs.jsonl."
+        )
+    if truncated_fraction > 0.2:
+        caveats += (
+            f" {100 * truncated_fraction:.1f}% of pairs were truncated by --max_length, so these numbers describe "
+            "truncated completions; raise --max_length to audit what training will see at a longer length."
+        )
     share = f"misalignment rate {100 * rate:.1f}% ({space} log-probs)"
     if rate == 0:
+        every = "every pair" if tie_fraction == 0 else "every pair that is not a tie"
         return (
-            f"{share}: the reference prefers the chosen response on every pair, so DPO's equivalence assumption holds "
+            f"{share}: the reference prefers the chosen response on {every}, so DPO's equivalence assumption holds "
             "on this data; CPO's margin would still add its constraint, but DPO has no undesirable solutions to fall "
-            "into here."
+            "into here." + caveats
         )
     consequence = (
         f"{share}: DPO's equivalence assumption is violated on this share of pairs (the reference prefers the "
@@ -412,7 +435,7 @@ def recommendation(rate: float, space: str) -> str:
             " This is a large share (the paper measured 45.5% on Llama-3-8B-Instruct / UltraFeedback): CPOTrainer "
             "(gamma 0.05) or ECPOCTrainer is advised, and eval_u_fraction (UFractionCallback) is worth watching."
         )
-    return consequence + advice
+    return consequence + advice + caveats
 
 
 def build_report(args, reference, rows: list[int], num_input: int, truncated: int) -> tuple[dict, dict]:
@@ -426,6 +449,7 @@ def build_report(args, reference, rows: list[int], num_input: int, truncated: in
     target = ecpoc_target(chosen, rejected, gamma=args.ecpoc_gamma, tau=args.tau, alpha=args.alpha)
     space = "length-normalized" if args.length_normalize else "summed"
     rate = ref_misaligned_fraction(chosen, rejected).item()
+    tie_fraction = (delta_ref == 0).float().mean().item()
     other = reference.in_loss_space(not args.length_normalize)
     report = {
         "model": os.path.abspath(args.model),
@@ -457,7 +481,10 @@ def build_report(args, reference, rows: list[int], num_input: int, truncated: in
             "target": summarize(target),
             "floor_binding_fraction": (delta_ref < args.ecpoc_gamma).float().mean().item(),
         },
-        "recommendation": recommendation(rate, space),
+        "tie_fraction": tie_fraction,
+        "recommendation": recommendation(
+            rate, space, tie_fraction=tie_fraction, truncated_fraction=truncated / max(len(rows), 1)
+        ),
     }
     pairs = {
         "row": rows,

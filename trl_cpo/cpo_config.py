@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import DPOConfig
-
-from ._config_utils import normalize_and_validate
+from ._config_utils import _ReferenceMarginConfig
 from .losses import DEFAULT_MAX_MARGIN, MARGIN_TYPES, check_margin_hyperparameters
 
 
 @dataclass
-class CPOConfig(DPOConfig):
+class CPOConfig(_ReferenceMarginConfig):
     r"""
     Configuration class for [`CPOTrainer`]: Constrained Preference Optimization (Yang et al., ICML 2026,
     arXiv:2605.20834). Not TRL's `trl.experimental.cpo` (Contrastive Preference Optimization, Xu et al. 2024).
@@ -48,27 +46,6 @@ class CPOConfig(DPOConfig):
         "loss = -log sigmoid(beta * (delta_pi - delta_ref) - m),  m = gamma * (1/pi_ref(y_w) + 1/pi_ref(y_l))"
     )
 
-    beta: float = field(
-        default=2.5,
-        metadata={
-            "help": "Inverse temperature of the preference loss. CPO default 2.5 is the released setting on "
-            "length-normalized log-probs (DPOConfig's default is 0.1, a summed-log-prob scale)."
-        },
-    )
-    precompute_ref_log_probs: bool = field(
-        default=True,
-        metadata={
-            "help": "Compute reference log-probs and the per-pair CPO margin once before training (and for each eval "
-            "set). Required by CPO: False is rejected."
-        },
-    )
-    loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid"],
-        metadata={
-            "help": "'sigmoid' is the CPO term; 'sft' can be mixed in with loss_weights. `length_normalize` decides "
-            "whether TRL runs the term on summed ('sigmoid') or averaged ('sigmoid_norm') log-probs."
-        },
-    )
     gamma: float = field(
         default=0.05,
         metadata={
@@ -88,15 +65,6 @@ class CPOConfig(DPOConfig):
         default=DEFAULT_MAX_MARGIN,
         metadata={"help": "Cap on the magnitude of the CPO margin (logit units) that keeps it finite. Must be > 0."},
     )
-    length_normalize: bool = field(
-        default=True,
-        metadata={
-            "help": "Average log-probs per completion token, as the released code does (beta=2.5 assumes this "
-            "scale), instead of summing them."
-        },
-    )
 
-    def __post_init__(self):
+    def _check_method_hyperparameters(self) -> None:
         check_margin_hyperparameters(gamma=self.gamma, margin_type=self.margin_type, max_margin=self.max_margin)
-        normalize_and_validate(self)
-        super().__post_init__()

@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--train_pairs",
         type=int,
-        default=None,
-        help="Training pairs (default: steps * batch_size, so each pair is seen once).",
+        default=2400,
+        help="Training pairs; they also build the reference's SFT data, so this is independent of --steps (the "
+        "default 2400 = 150 steps x 16 pairs: each pair seen once at the default budget).",
     )
     data.add_argument("--eval_pairs", type=int, default=480, help="Held-out pairs (majority labels).")
     data.add_argument("--ref_steps", type=int, default=300, help="SFT steps of the reference.")
@@ -142,7 +143,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in positive + ("hidden_size", "num_layers", "num_topics"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    if args.train_pairs is not None and args.train_pairs < 1:
+    if args.train_pairs < 1:
         parser.error("--train_pairs must be >= 1")
     if any(not 0 <= c <= 1 for c in args.corruption):
         parser.error("--corruption values must be in [0, 1]")
@@ -367,9 +368,7 @@ def run_corruption(ratio: float, args: argparse.Namespace, work_dir: str) -> dic
     from .tiny import build_tiny_llama, build_tiny_tokenizer
 
     task = task_lib.TaskConfig(num_topics=args.num_topics, label_noise=args.label_noise, ref_noise=args.ref_noise)
-    train_pairs = task_lib.make_pairs(
-        task, args.train_pairs or args.steps * args.batch_size, seed=args.seed, label_noise=task.label_noise
-    )
+    train_pairs = task_lib.make_pairs(task, args.train_pairs, seed=args.seed, label_noise=task.label_noise)
     eval_pairs = task_lib.make_pairs(task, args.eval_pairs, seed=args.seed + 1_000_003, label_noise=0.0)
     corrupted = task_lib.corrupted_topics(task.num_topics, ratio, seed=args.seed)
     label = f"corruption {ratio:.2f}:"
@@ -708,7 +707,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print(table, end="")
     print(f"\nWrote {files['table']}, {files['json']}" + "".join(f", {p}" for p in plots))
     if not plots:
-        print("matplotlib is not installed: no plot written (pip install 'trl-cpo[demo]').", file=sys.stderr)
+        print("matplotlib is not installed: no plot written (pip install matplotlib).", file=sys.stderr)
     print(f"Total wall time: {total_seconds:.0f} s")
     return output
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import DPOConfig
-
-from ._config_utils import normalize_and_validate
+from ._config_utils import _ReferenceMarginConfig
 from .losses import check_target_hyperparameters
 
 
 @dataclass
-class ECPOCConfig(DPOConfig):
+class ECPOCConfig(_ReferenceMarginConfig):
     r"""
     Configuration class for [`ECPOCTrainer`]: E-CPOC, the hard-constraint variant of Constrained Preference
     Optimization (Yang et al., ICML 2026, arXiv:2605.20834). Not related to TRL's Contrastive Preference Optimization.
@@ -44,27 +42,6 @@ class ECPOCConfig(DPOConfig):
         "target = delta_ref + softplus(tau * (gamma - delta_ref)) / (alpha * tau)"
     )
 
-    beta: float = field(
-        default=2.5,
-        metadata={
-            "help": "Inverse temperature of the preference loss. Default 2.5, the CPO released setting on "
-            "length-normalized log-probs (DPOConfig's default is 0.1)."
-        },
-    )
-    precompute_ref_log_probs: bool = field(
-        default=True,
-        metadata={
-            "help": "Compute reference log-probs and the per-pair E-CPOC target once before training (and for each "
-            "eval set). Required by E-CPOC: False is rejected."
-        },
-    )
-    loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid"],
-        metadata={
-            "help": "'sigmoid' is the E-CPOC term; 'sft' can be mixed in with loss_weights. `length_normalize` decides "
-            "whether TRL runs the term on summed ('sigmoid') or averaged ('sigmoid_norm') log-probs."
-        },
-    )
     gamma: float = field(
         default=0.5,
         metadata={"help": "Floor of the E-CPOC target log-odds (released default 0.5). Must be >= 0."},
@@ -80,12 +57,6 @@ class ECPOCConfig(DPOConfig):
         default=1.0,
         metadata={"help": "Scale 1/alpha of the E-CPOC correction term (released default 1.0). Must be > 0."},
     )
-    length_normalize: bool = field(
-        default=True,
-        metadata={"help": "Average log-probs per completion token, as the released code does, instead of summing."},
-    )
 
-    def __post_init__(self):
+    def _check_method_hyperparameters(self) -> None:
         check_target_hyperparameters(gamma=self.gamma, tau=self.tau, alpha=self.alpha)
-        normalize_and_validate(self)
-        super().__post_init__()

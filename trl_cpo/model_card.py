@@ -50,12 +50,6 @@ Trained with `trl_cpo`'s {method} trainer, from [{PAPER_TITLE}](https://arxiv.or
 | hyperparameter | value |
 | --- | --- |
 {rows}
-
-Cite {method} as:
-
-```bibtex
-{CITATION}
-```
 """
 
 

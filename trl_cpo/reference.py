@@ -7,28 +7,25 @@ Public pieces, reusable outside the trainers:
   cache file is shared between ranks, so in-memory datasets work under several processes (TRL's own precompute writes
   an `.arrow` cache that other ranks cannot find for in-memory datasets).
 - `ReferenceLogps`: the result, with completion lengths so either log-prob scale (summed or per-token) can be formed.
-- `ReferenceMarginCheckpoint`: a callback that stores the train set's reference log-probs in every checkpoint, so a
-  resumed run trains against the same reference (and so the same margins) even if the model it was rebuilt from
-  differs.
+- `save_reference_checkpoint` / `load_reference_checkpoint`: the train and eval sets' reference log-probs, stored in
+  every checkpoint folder (`trl_cpo_reference.safetensors`), so a resumed run trains and evaluates against the same
+  reference (and so the same margins) even if the model it was rebuilt from differs.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from datasets import Dataset
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-logger = logging.getLogger("trl_cpo")
-
-#: File written into each checkpoint folder by `ReferenceMarginCheckpoint`.
+#: File written into each checkpoint folder by the CPO / E-CPOC trainers.
 REFERENCE_FILE = "trl_cpo_reference.safetensors"
 
 
@@ -50,14 +47,13 @@ class ReferenceLogps:
             return self.chosen, self.rejected
         return self.chosen / self.chosen_lengths.clamp(min=1), self.rejected / self.rejected_lengths.clamp(min=1)
 
-    def save(self, path: str, metadata: dict[str, str] | None = None) -> None:
-        tensors = {name: getattr(self, name).contiguous() for name in self.__dataclass_fields__}
-        save_file(tensors, path, metadata=metadata)
-
-    @classmethod
-    def load(cls, path: str) -> ReferenceLogps:
-        tensors = load_file(path)
-        return cls(**{name: tensors[name] for name in cls.__dataclass_fields__})
+    def same_pairs(self, other: ReferenceLogps) -> bool:
+        """Whether `other` was computed on the same pairs: same count and the same completion lengths, row by row."""
+        return (
+            len(self) == len(other)
+            and torch.equal(self.chosen_lengths, other.chosen_lengths)
+            and torch.equal(self.rejected_lengths, other.rejected_lengths)
+        )
 
 
 def completion_lengths(completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,20 +129,24 @@ def checkpoint_reference_path(checkpoint_dir: str) -> str:
     return os.path.join(checkpoint_dir, REFERENCE_FILE)
 
 
-class ReferenceMarginCheckpoint(TrainerCallback):
-    """Save the train set's reference log-probs into every checkpoint (rank 0 only).
+def save_reference_checkpoint(checkpoint_dir: str, splits: dict[str, ReferenceLogps]) -> None:
+    """Write the reference log-probs of each named split ("train", eval set names) into `checkpoint_dir`."""
+    names = list(splits)
+    tensors = {
+        f"{index}.{field.name}": getattr(reference, field.name).contiguous()
+        for index, reference in enumerate(splits.values())
+        for field in fields(ReferenceLogps)
+    }
+    save_file(tensors, checkpoint_reference_path(checkpoint_dir), metadata={"splits": json.dumps(names)})
 
-    `CPOTrainer.train(resume_from_checkpoint=...)` reads them back, so the resumed run uses the same reference
-    log-probs, and so the same margins, as the interrupted one.
-    """
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_save(self, args, state, control, **kwargs):
-        reference = self.trainer.reference_logps.get("train")
-        if not state.is_world_process_zero or reference is None:
-            return
-        checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(checkpoint_dir):
-            reference.save(checkpoint_reference_path(checkpoint_dir), metadata={"method": self.trainer._name})
+def load_reference_checkpoint(checkpoint_dir: str) -> dict[str, ReferenceLogps]:
+    """Read what `save_reference_checkpoint` wrote: {split name: ReferenceLogps}."""
+    path = checkpoint_reference_path(checkpoint_dir)
+    with safe_open(path, framework="pt") as f:
+        names = json.loads(f.metadata()["splits"])
+    tensors = load_file(path)
+    return {
+        name: ReferenceLogps(**{field.name: tensors[f"{index}.{field.name}"] for field in fields(ReferenceLogps)})
+        for index, name in enumerate(names)
+    }

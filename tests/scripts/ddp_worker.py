@@ -96,7 +96,7 @@ def run_scenario(spec, name, method, source, phase):
     trainer.data_collator = recorder
     trainer.train()
 
-    reference = trainer.reference_logps["train"]
+    reference = trainer.train_reference_logps
     result = {
         "num_processes": trainer.accelerator.num_processes,
         "process_index": trainer.accelerator.process_index,
@@ -136,7 +136,7 @@ def policy_table(spec):
         disable_tqdm=True,
     )
     trainer = CPOTrainer(model=spec["model_dir"], args=args, train_dataset=_load_dataset(spec, "memory"))
-    table = trainer.reference_logps["train"]
+    table = trainer.train_reference_logps
     return {k: getattr(table, k).tolist() for k in ("chosen", "rejected", "chosen_lengths", "rejected_lengths")}
 
 
