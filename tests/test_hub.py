@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import load_script
+from helpers import cpu_args, load_script
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,18 +83,7 @@ def check_card(text: str, *, method: str, base_model: str, dataset: str, rows: d
 
 
 def config_kwargs(tmp_path, **kwargs):
-    return dict(
-        output_dir=str(tmp_path / "run"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        gradient_checkpointing=False,
-        per_device_train_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        disable_tqdm=True,
-        **kwargs,
-    )
+    return cpu_args(tmp_path / "run", max_steps=2, disable_tqdm=True, **kwargs)
 
 
 def test_push_lora_adapter_with_cpo_card(fake_hub, model_dir, train_dataset, tmp_path):

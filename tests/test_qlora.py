@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from helpers import cpu_args
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -65,20 +66,7 @@ def test_qlora_trains_against_frozen_quantized_base(
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     base_before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    args = config_cls(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        gradient_checkpointing=False,
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        **extra,
-    )
+    args = config_cls(**cpu_args(tmp_path / "out", max_steps=4, learning_rate=1e-2, disable_tqdm=True, **extra))
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = trainer_cls(model, args=args, train_dataset=train_dataset, peft_config=lora)
     assert trainer.ref_model is None  # the reference is the policy with its adapter disabled
