@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
+
+from .losses import check_beta
 
 logger = logging.getLogger("trl_cpo")
 
@@ -24,11 +25,7 @@ def normalize_and_validate(config) -> None:
     loaded.
     """
     method = config._method_name
-    if not isinstance(config.beta, (int, float)) or not math.isfinite(config.beta) or config.beta <= 0:
-        raise ValueError(
-            f"beta={config.beta!r} is invalid for {method}: it must be a finite number > 0 (the margin enters the "
-            "loss as margin/beta). Set beta to e.g. 2.5 (length-normalized log-probs)."
-        )
+    check_beta(config.beta)
     loss_type = [config.loss_type] if isinstance(config.loss_type, str) else list(config.loss_type)
     supported = PREFERENCE_LOSS_TYPES + MIXABLE_LOSS_TYPES
     unsupported = [lt for lt in loss_type if lt not in supported]

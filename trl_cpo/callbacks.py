@@ -62,6 +62,8 @@ class UFractionCallback(TrainerCallback):
 
     Cost: one extra no-grad forward of the policy over the eval set per evaluation (DPOTrainer's evaluation does not
     expose its per-pair log-probs), plus one of the reference when the trainer does not precompute it.
+    ``CPOTrainer`` / ``ECPOCTrainer`` already log ``eval_u_fraction`` from their own evaluation forward (a mean of
+    per-batch values); add this callback to them only to get whole-eval-set values, at the cost above.
     LD-DPO weighting (``ld_alpha``) is not supported: U is measured on plain summed or averaged log-probs.
     """
 

@@ -72,9 +72,13 @@ def check_target_hyperparameters(*, gamma: float, tau: float, alpha: float) -> N
         raise ValueError(f"alpha={alpha!r} is invalid: it must be a finite number > 0. Set `alpha` to e.g. 1.0.")
 
 
-def _check_beta(beta: float) -> None:
+def check_beta(beta: float) -> None:
+    """Raise a `ValueError` naming the field and the fix if `beta` is unusable (the margin enters as margin/beta)."""
     if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta={beta!r} is invalid: it must be a finite number > 0, e.g. 2.5 on averaged log-probs.")
+        raise ValueError(
+            f"beta={beta!r} is invalid: it must be a finite number > 0. Set `beta` to a positive value, e.g. 2.5 on "
+            "length-normalized log-probs."
+        )
 
 
 def _log_odds(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> torch.Tensor:
@@ -101,7 +105,7 @@ def dpo_loss(
     Its target is ``delta_ref``, which is negative whenever the reference prefers the rejected response: then the
     loss can fall while ``delta_pi < 0`` (the undesirable space U, arXiv:2605.20834 Def. 3.3).
     """
-    _check_beta(beta)
+    check_beta(beta)
     return margin_ranking_loss(
         _log_odds(policy_chosen_logps, policy_rejected_logps),
         _log_odds(ref_chosen_logps, ref_rejected_logps),
@@ -159,7 +163,7 @@ def cpo_loss(
 
     ``gamma = 0`` gives ``m = 0``, i.e. exactly :func:`dpo_loss`.
     """
-    _check_beta(beta)
+    check_beta(beta)
     margin = cpo_margin(
         ref_chosen_logps, ref_rejected_logps, gamma=gamma, margin_type=margin_type, max_margin=max_margin
     )
@@ -205,6 +209,6 @@ def ecpoc_loss(
     alpha: float,
 ) -> torch.Tensor:
     r"""Per-pair E-CPOC loss: ``-log sigmoid(beta * (delta_pi - target))`` with ``target`` from :func:`ecpoc_target`."""
-    _check_beta(beta)
+    check_beta(beta)
     target = ecpoc_target(ref_chosen_logps, ref_rejected_logps, gamma=gamma, tau=tau, alpha=alpha)
     return margin_ranking_loss(_log_odds(policy_chosen_logps, policy_rejected_logps), target, beta=beta)
