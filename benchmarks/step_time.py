@@ -13,8 +13,9 @@ optimizer steps after `--warmup` untimed ones; ratios use the median step time o
 Targets (issue 2): cpo and ecpoc <= 1.03x dpo_precomp and <= 0.85x dpo_live in step time; peak memory <= DPO's.
 
   python benchmarks/step_time.py                      # CPU, small Llama (a few minutes on 2 cores)
-  python benchmarks/step_time.py --shape llama3-8b --dtype bf16 --batch 2 --seq 1024          # one GPU
-  python benchmarks/step_time.py --shape llama3-8b --load_in_4bit --lora --batch 2 --seq 1024  # QLoRA on GPU
+  python benchmarks/step_time.py --shape llama3-8b --dtype bf16 --per_device_train_batch_size 2 --seq 1024  # one GPU
+  python benchmarks/step_time.py --shape llama3-8b --load_in_4bit --lora \
+      --per_device_train_batch_size 2 --seq 1024                                           # QLoRA on one GPU
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ SHAPES = {
 def _parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="small")
-    parser.add_argument("--batch", type=int, default=4, help="per-device pairs per step")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=4, help="per-device pairs per step")
     parser.add_argument("--seq", type=int, default=256, help="tokens per prompt+completion")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
@@ -81,7 +82,7 @@ def _build_assets(args, workdir):
     tokenizer.save_pretrained(f"{workdir}/model")
     rng = random.Random(0)
     half = args.seq // 2
-    n_pairs = args.batch * (args.steps + args.warmup)
+    n_pairs = args.per_device_train_batch_size * (args.steps + args.warmup)
     rows = [
         {
             "prompt": " ".join(rng.choices(words, k=half)),
@@ -100,7 +101,7 @@ def _child(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
+    from trl_cpo.methods import METHODS
 
     cuda = torch.cuda.is_available()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -136,7 +137,7 @@ def _child(args):
         report_to="none",
         use_cpu=not cuda,
         bf16=args.dtype == "bf16",
-        per_device_train_batch_size=args.batch,
+        per_device_train_batch_size=args.per_device_train_batch_size,
         max_steps=args.steps + args.warmup,
         learning_rate=1e-6,
         logging_steps=10**6,
@@ -144,16 +145,16 @@ def _child(args):
         gradient_checkpointing=args.gradient_checkpointing,
         max_length=args.seq + 8,
         beta=2.5,
+        loss_type=["sigmoid_norm"],
         seed=0,
     )
     ref_model = None
-    if args.child == "cpo":
-        cls, config = CPOTrainer, CPOConfig(**common)
-    elif args.child == "ecpoc":
-        cls, config = ECPOCTrainer, ECPOCConfig(**common)
+    if args.child in METHODS:  # cpo, ecpoc: the method's trainer with its default method fields
+        method = METHODS[args.child]
+        cls, config = method.trainer_class, method.config_class(**common)
     else:
         precompute = args.child == "dpo_precomp"
-        cls, config = DPOTrainer, DPOConfig(**common, loss_type="sigmoid_norm", precompute_ref_log_probs=precompute)
+        cls, config = DPOTrainer, DPOConfig(**common, precompute_ref_log_probs=precompute)
         if not precompute and not args.lora:
             ref_model = AutoModelForCausalLM.from_pretrained(f"{args.workdir}/model", **load_kwargs)
     peft_config = None
@@ -178,7 +179,7 @@ def _child(args):
     result = {
         "trainer": args.child,
         "step_times": step_times,
-        "pairs_per_step": args.batch,
+        "pairs_per_step": args.per_device_train_batch_size,
         "peak_mem_mib": (torch.cuda.max_memory_allocated() if cuda else 0) / 2**20,
         "peak_rss_over_baseline_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024,
         "tokens_per_step": _tokens_per_step(trainer, args),
@@ -191,7 +192,7 @@ def _tokens_per_step(trainer, args):
     lengths = [
         len(p) * 2 + len(c) + len(r) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])
     ]
-    return statistics.mean(lengths) * args.batch
+    return statistics.mean(lengths) * args.per_device_train_batch_size
 
 
 def _child_flags(args):
@@ -253,7 +254,8 @@ def report(args, runs):
     )
     print(
         f"\ndevice: {device}; shape {args.shape}, dtype {args.dtype}, 4bit {args.load_in_4bit}, lora {args.lora}, "
-        f"batch {args.batch} pairs x {args.seq} tokens, {args.rounds} rounds x {args.steps} timed steps"
+        f"batch {args.per_device_train_batch_size} pairs x {args.seq} tokens, {args.rounds} rounds x {args.steps} "
+        "timed steps"
     )
     mem_key = "peak_gpu_mib" if torch.cuda.is_available() else "peak_rss_over_baseline_mib"
     print(

@@ -8,11 +8,14 @@ The script follows the shape of TRL's `trl/scripts/dpo.py`: one `TrlParser` over
 dataset-mixture arguments; `--config FILE.yaml` sets defaults and any command-line flag overrides them. `--method`
 picks the trainer, so one config gives CPO, E-CPOC and the DPO baseline on identical settings:
 
-- `cpo`   -> `trl_cpo.CPOTrainer`   (`--gamma`, `--margin_type`, `--max_margin`)
-- `ecpoc` -> `trl_cpo.ECPOCTrainer` (`--gamma`, `--tau`, `--alpha`)
-- `dpo`   -> the CPO trainer at `gamma=0`, which is exactly DPO's sigmoid loss with the same `--beta`, the same
-             `--length_normalize` log-prob scale and the same precomputed reference, and logs the same U-space
-             diagnostics. CPO/E-CPOC-only fields in the config are ignored (with a warning).
+- `cpo`   -> `trl_cpo.CPOTrainer`   (`--cpo_gamma`, `--cpo_margin_type`, `--cpo_max_margin`)
+- `ecpoc` -> `trl_cpo.ECPOCTrainer` (`--ecpoc_gamma`, `--ecpoc_tau`, `--ecpoc_alpha`)
+- `dpo`   -> the CPO trainer at `cpo_gamma=0`, which is exactly DPO's loss with the same `--beta`, the same
+             `--loss_type` log-prob space ('sigmoid_norm' averages per token, 'sigmoid' sums) and the same
+             precomputed reference, and logs the same U-space diagnostics.
+
+The trainers come from `trl_cpo.methods.METHODS`. Fields of a method other than `--method`'s are ignored (with a
+warning), so one config can carry both methods' settings.
 
 Full fine-tuning of Llama-3-8B-Instruct with the released settings (8 GPUs, DeepSpeed ZeRO-3):
 
@@ -50,21 +53,19 @@ from dataclasses import dataclass, field
 
 from trl import DatasetMixtureConfig, DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser
 
-from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
+from trl_cpo import CPOConfig, CPOTrainer
+from trl_cpo.logps import is_length_normalized
 from trl_cpo.losses import MARGIN_TYPES
+from trl_cpo.methods import METHODS as METHOD_TABLE
 from trl_cpo.model_card import PAPER_ID, insert_card_section
 
 logger = logging.getLogger("trl_cpo.recipes")
 
-METHODS = ("cpo", "ecpoc", "dpo")
-#: Fields each method reads beyond DPOConfig's (besides `length_normalize`, which all three read).
-METHOD_FIELDS = {
-    "cpo": ("gamma", "margin_type", "max_margin"),
-    "ecpoc": ("gamma", "tau", "alpha"),
-    "dpo": (),
-}
-ALL_METHOD_FIELDS = ("gamma", "margin_type", "max_margin", "tau", "alpha")
-GAMMA_MEANING = {"cpo": "the CPO margin strength", "ecpoc": "the E-CPOC floor of the target log-odds"}
+#: The methods of `trl_cpo.methods.METHODS`, plus the DPO baseline (the CPO trainer at cpo_gamma=0).
+METHODS = (*METHOD_TABLE, "dpo")
+#: Fields each method reads beyond DPOConfig's.
+METHOD_FIELDS = {**{name: tuple(method.fields) for name, method in METHOD_TABLE.items()}, "dpo": ()}
+ALL_METHOD_FIELDS = tuple(dict.fromkeys(field for fields in METHOD_FIELDS.values() for field in fields))
 #: File suffixes loaded with a `datasets` packaged builder when `--dataset_name` is a local file.
 LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
@@ -83,7 +84,7 @@ class CPOScriptArguments(ScriptArguments):
         default="cpo",
         metadata={
             "help": "Which objective to train: 'cpo' (CPO, soft constraint), 'ecpoc' (E-CPOC, hard constraint) or "
-            "'dpo' (the DPO baseline: the CPO trainer at gamma=0, same beta and log-prob scale).",
+            "'dpo' (the DPO baseline: the CPO trainer at cpo_gamma=0, same beta and loss_type).",
             "choices": list(METHODS),
         },
     )
@@ -109,28 +110,26 @@ class CPORecipeConfig(DPOConfig):
         default=2.5,
         metadata={
             "help": "Inverse temperature of the preference loss, for all three methods. 2.5 is the released CPO "
-            "setting on length-normalized log-probs (see --length_normalize); DPOConfig's 0.1 is a summed scale."
+            "setting on per-token averaged log-probs (loss_type 'sigmoid_norm'); DPOConfig's 0.1 is a summed scale."
         },
     )
     precompute_ref_log_probs: bool = field(
         default=True,
         metadata={"help": "Must stay True: the reference log-probs and margins are computed once before training."},
     )
-    length_normalize: bool = field(
-        default=True,
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid_norm"],
         metadata={
-            "help": "Average log-probs per completion token (the released code's scale, assumed by beta=2.5) instead "
-            "of summing them. Applies to all three methods, the DPO baseline included."
+            "help": "Log-prob space of the preference term, for all three methods (the DPO baseline included): "
+            "'sigmoid_norm' averages per completion token (the released code's scale, assumed by beta=2.5), "
+            "'sigmoid' sums. 'sft' can be mixed in with loss_weights."
         },
     )
-    gamma: float | None = field(
+    cpo_gamma: float | None = field(
         default=None,
-        metadata={
-            "help": "CPO: margin strength (default 0.05). E-CPOC: floor of the target log-odds (default 0.5). "
-            "Ignored by the DPO baseline (gamma=0)."
-        },
+        metadata={"help": "CPO only. Margin strength (default 0.05). The DPO baseline runs at cpo_gamma=0."},
     )
-    margin_type: str | None = field(
+    cpo_margin_type: str | None = field(
         default=None,
         metadata={
             "help": "CPO only. 'inverse_prob' (default; the paper's 1/pi_ref) or 'inverse_logp' (the released code's "
@@ -138,9 +137,16 @@ class CPORecipeConfig(DPOConfig):
             "choices": list(MARGIN_TYPES),
         },
     )
-    max_margin: float | None = field(default=None, metadata={"help": "CPO only. Cap on the margin (default 10)."})
-    tau: float | None = field(default=None, metadata={"help": "E-CPOC only. Smooth-max sharpness (default 2.0)."})
-    alpha: float | None = field(default=None, metadata={"help": "E-CPOC only. Correction scale 1/alpha (default 1)."})
+    cpo_max_margin: float | None = field(default=None, metadata={"help": "CPO only. Cap on the margin (default 10)."})
+    ecpoc_gamma: float | None = field(
+        default=None, metadata={"help": "E-CPOC only. Floor of the target log-odds (default 0.5)."}
+    )
+    ecpoc_tau: float | None = field(
+        default=None, metadata={"help": "E-CPOC only. Smooth-max sharpness (default 2.0)."}
+    )
+    ecpoc_alpha: float | None = field(
+        default=None, metadata={"help": "E-CPOC only. Correction scale 1/ecpoc_alpha (default 1)."}
+    )
 
     def __post_init__(self):
         # Raw container: validation and TrainingArguments' post-processing happen in the real config class.
@@ -149,19 +155,25 @@ class CPORecipeConfig(DPOConfig):
 
 @dataclass
 class DPOBaselineConfig(CPOConfig):
-    """`CPOConfig` pinned to `gamma=0`: DPO's sigmoid loss, run by the CPO trainer for a like-for-like baseline."""
+    """`CPOConfig` pinned to `cpo_gamma=0`: DPO's loss, run by the CPO trainer for a like-for-like baseline."""
 
     _method_name = "DPO-baseline"
 
-    gamma: float = field(
+    cpo_gamma: float = field(
         default=0.0,
-        metadata={"help": "Always 0: at gamma=0 the CPO loss is exactly DPO's."},
+        metadata={"help": "Always 0: at cpo_gamma=0 the CPO loss is exactly DPO's."},
     )
 
     def __post_init__(self):
-        if self.gamma != 0:
-            raise ValueError(f"The DPO baseline runs CPO at gamma=0; got gamma={self.gamma}.")
+        if self.cpo_gamma != 0:
+            raise ValueError(f"The DPO baseline runs CPO at cpo_gamma=0; got cpo_gamma={self.cpo_gamma}.")
+        # CPOConfig may choose cpo_gamma from the data (cpo_auto_gamma): never for the baseline.
+        if getattr(self, "cpo_auto_gamma", None) is not None:
+            raise ValueError("The DPO baseline runs CPO at cpo_gamma=0: unset cpo_auto_gamma.")
         super().__post_init__()
+
+
+CONFIG_CLASSES = {**{name: method.config_class for name, method in METHOD_TABLE.items()}, "dpo": DPOBaselineConfig}
 
 
 def to_trainer_config(raw: CPORecipeConfig, method: str) -> DPOConfig:
@@ -169,7 +181,6 @@ def to_trainer_config(raw: CPORecipeConfig, method: str) -> DPOConfig:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; use one of {list(METHODS)}.")
     kwargs = {f.name: getattr(raw, f.name) for f in dataclasses.fields(DPOConfig) if f.init}
-    kwargs["length_normalize"] = raw.length_normalize
     ignored = []
     for name in ALL_METHOD_FIELDS:
         value = getattr(raw, name)
@@ -177,25 +188,11 @@ def to_trainer_config(raw: CPORecipeConfig, method: str) -> DPOConfig:
             continue
         if name in METHOD_FIELDS[method]:
             kwargs[name] = value
-        elif not (method == "dpo" and name == "gamma" and value == 0):
+        elif not (method == "dpo" and name == "cpo_gamma" and value == 0):
             ignored.append(f"{name}={value!r}")
     if ignored:
         logger.warning("method=%s does not use %s; ignoring them.", method, ", ".join(ignored))
-        if method != "dpo" and raw.gamma is not None:
-            other = "ecpoc" if method == "cpo" else "cpo"
-            logger.warning(
-                "gamma=%s is used as %s. It means %s for %s: if this config was written for %s, set --gamma "
-                "explicitly (defaults: CPO 0.05, E-CPOC 0.5).",
-                raw.gamma,
-                GAMMA_MEANING[method],
-                GAMMA_MEANING[other],
-                other,
-                other,
-            )
-    if method == "dpo":
-        kwargs["gamma"] = 0.0
-    config_cls = {"cpo": CPOConfig, "ecpoc": ECPOCConfig, "dpo": DPOBaselineConfig}[method]
-    return config_cls(**kwargs)
+    return CONFIG_CLASSES[method](**kwargs)
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -217,15 +214,22 @@ def parse_args(argv: list[str] | None = None):
 
 
 class DPOBaselineTrainer(CPOTrainer):
-    """DPO baseline for CPO / E-CPOC runs: the CPO trainer at `gamma=0`.
+    """DPO baseline for CPO / E-CPOC runs: the CPO trainer at `cpo_gamma=0`.
 
-    Its loss is exactly DPO's, `-log sigmoid(beta * (delta_pi - delta_ref))`, on the log-prob scale chosen by
-    `length_normalize` (TRL's `sigmoid_norm` when True, `sigmoid` when False). It shares everything else with the CPO
-    run (precomputed reference, data pipeline, metrics, including `u_fraction` and `ref_misaligned_fraction`), so the
-    only difference between the two runs is the margin. `cpo_margin` is logged as 0.
+    Its loss is exactly DPO's, `-log sigmoid(beta * (delta_pi - delta_ref))`, in the log-prob space `loss_type` picks
+    (`sigmoid_norm`: per-token averages, `sigmoid`: sums). It shares everything else with the CPO run (precomputed
+    reference, data pipeline, metrics, including `u_fraction` and `ref_misaligned_fraction`), so the only difference
+    between the two runs is the margin. `cpo_margin` is logged as 0.
     """
 
-    config_class = DPOBaselineConfig
+    # CPO's table entry with the baseline's config class (whose cpo_gamma is pinned to 0).
+    method = dataclasses.replace(
+        METHOD_TABLE["cpo"],
+        name="dpo",
+        title="DPO-baseline",
+        config_class=DPOBaselineConfig,
+        trainer_path=f"{__name__}:DPOBaselineTrainer",
+    )
     _tag_names = ["trl", "dpo", "trl-cpo"]
     _name = "DPO (baseline of a CPO comparison)"
     _paper = DPOTrainer._paper
@@ -238,23 +242,24 @@ class DPOBaselineTrainer(CPOTrainer):
         from trl.trainer.utils import get_config_model_id
 
         args = self.args
-        scale = "length-normalized (per-token average)" if args.length_normalize else "summed"
+        space = "per-token averaged" if is_length_normalized(args.loss_type) else "summed"
         section = (
             "## Method: DPO baseline\n\n"
             "DPO baseline for a comparison with CPO (Constrained Preference Optimization, "
             f"[arXiv:{PAPER_ID}](https://arxiv.org/abs/{PAPER_ID})), trained with `trl_cpo`'s CPO trainer at "
-            "`gamma = 0`, whose loss is exactly DPO's: `loss = -log sigmoid(beta * (delta_pi - delta_ref))` on "
-            f"{scale} log-probs, with reference log-probs precomputed once before training.\n\n"
+            "`cpo_gamma = 0`, whose loss is exactly DPO's: `loss = -log sigmoid(beta * (delta_pi - delta_ref))` on "
+            f"{space} log-probs (loss_type {args.loss_type}), with reference log-probs precomputed once before "
+            "training.\n\n"
             f"- Base model: {get_config_model_id(self.model.config) or 'unknown'}\n"
             f"- Dataset: {dataset_name or 'not recorded'}\n\n"
             "| hyperparameter | value |\n| --- | --- |\n"
-            f"| `beta` | `{args.beta}` |\n| `length_normalize` | `{args.length_normalize}` |\n"
+            f"| `beta` | `{args.beta}` |\n"
             f"| `loss_type` | `{args.loss_type}` |\n| `learning_rate` | `{args.learning_rate}` |\n"
         )
         insert_card_section(os.path.join(args.output_dir, "README.md"), section)
 
 
-TRAINERS = {"cpo": CPOTrainer, "ecpoc": ECPOCTrainer, "dpo": DPOBaselineTrainer}
+TRAINERS = {**{name: method.trainer_class for name, method in METHOD_TABLE.items()}, "dpo": DPOBaselineTrainer}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

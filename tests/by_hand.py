@@ -31,13 +31,13 @@ def logp_by_hand(model, tokenizer, prompt: str, completion: str) -> tuple[float,
     return token_logps[len(prompt_ids) - 1 :].sum().item(), len(ids) - len(prompt_ids)
 
 
-def pair_logps(model, tokenizer, rows, length_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, tokenizer, rows, length_normalized: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) log-probs of `rows`, summed or averaged per completion token."""
     out = []
     for key in ("chosen", "rejected"):
         values = []
         for row in rows:
             logp, length = logp_by_hand(model, tokenizer, row["prompt"], row[key])
-            values.append(logp / length if length_normalize else logp)
+            values.append(logp / length if length_normalized else logp)
         out.append(torch.tensor(values))
     return out[0], out[1]

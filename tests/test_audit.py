@@ -96,16 +96,20 @@ def by_hand(audit_model, audit_tokenizer):
     return {name: torch.tensor(values, dtype=torch.float32) for name, values in columns.items()}
 
 
-@pytest.mark.parametrize("length_normalize", [False, True])
-def test_misalignment_rate_matches_a_by_hand_computation(tmp_path, audit_model_dir, by_hand, length_normalize):
+@pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm"])
+def test_misalignment_rate_matches_a_by_hand_computation(tmp_path, audit_model_dir, by_hand, loss_type):
     rows = spaced_pairs()
     data = write(rows, tmp_path / "pairs.jsonl", "jsonl")
-    flag = "--length_normalize" if length_normalize else "--no-length_normalize"
-    assert run("--model", audit_model_dir, "--dataset", data, flag, "--batch_size", 5, output_dir=tmp_path) == 0
+    argv = ("--model_name_or_path", audit_model_dir, "--dataset_name", data, "--loss_type", loss_type)
+    assert run(*argv, "--precompute_ref_batch_size", 5, output_dir=tmp_path) == 0
     report, pairs = read_outputs(tmp_path)
+    token_chosen, token_rejected = (
+        by_hand["chosen"] / by_hand["chosen_len"],
+        by_hand["rejected"] / by_hand["rejected_len"],
+    )
     chosen, rejected = by_hand["chosen"], by_hand["rejected"]
-    if length_normalize:
-        chosen, rejected = chosen / by_hand["chosen_len"], rejected / by_hand["rejected_len"]
+    if loss_type == "sigmoid_norm":
+        chosen, rejected = token_chosen, token_rejected
     delta = chosen - rejected
     assert [p["row"] for p in pairs] == list(range(len(rows)))
     assert [p["chosen_tokens"] for p in pairs] == by_hand["chosen_len"].long().tolist()
@@ -113,9 +117,13 @@ def test_misalignment_rate_matches_a_by_hand_computation(tmp_path, audit_model_d
     expected_rate = (delta < 0).float().mean().item()
     assert 0 < expected_rate < 1  # the check means something
     assert report["misalignment_rate"] == pytest.approx(expected_rate)
-    assert report["log_prob_space"] == ("length-normalized" if length_normalize else "summed")
+    assert report["log_prob_space"] == ("length-normalized" if loss_type == "sigmoid_norm" else "summed")
+    assert report["loss_type"] == loss_type
     assert report["delta_ref"]["q50"] == pytest.approx(torch.quantile(delta.double(), 0.5).item(), abs=1e-4)
-    margin = cpo_margin(chosen, rejected, gamma=0.05)
+    # The CPO margin reads per-token reference log-probs in both spaces, as the trainers do; E-CPOC's target is in
+    # the report's space.
+    margin = cpo_margin(token_chosen, token_rejected, gamma=0.05)
+    assert report["cpo"]["capped_fraction"] < 1  # per-token: not pinned at the cap, even in the summed space
     target = ecpoc_target(chosen, rejected, gamma=0.5, tau=2.0, alpha=1.0)
     torch.testing.assert_close(torch.tensor([p["cpo_margin"] for p in pairs]), margin, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.tensor([p["ecpoc_target"] for p in pairs]), target, atol=1e-4, rtol=1e-4)
@@ -129,7 +137,7 @@ def test_misalignment_rate_matches_a_by_hand_computation(tmp_path, audit_model_d
         ("json", "data.json", "explicit", []),
         ("parquet", "data.parquet", "implicit", []),
         ("disk", "saved", "explicit", []),
-        ("disk_dict", "saved_dict", "implicit", ["--split", "test"]),
+        ("disk_dict", "saved_dict", "implicit", ["--dataset_train_split", "test"]),
         ("jsonl", "chat.jsonl", "conversational", []),
         ("jsonl", "chat_implicit.jsonl", "conversational_implicit", []),
     ],
@@ -143,7 +151,7 @@ def test_every_input_format(tmp_path, audit_model_dir, by_hand, fmt, name, shape
         if shape == "conversational_implicit":
             rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
     data = write(rows, tmp_path / name, fmt)
-    argv = ("--model", audit_model_dir, "--dataset", data, "--no-length_normalize", *extra)
+    argv = ("--model_name_or_path", audit_model_dir, "--dataset_name", data, "--loss_type", "sigmoid", *extra)
     assert run(*argv, output_dir=tmp_path / "out") == 0
     report, pairs = read_outputs(tmp_path / "out")
     assert report["num_pairs_scored"] == len(rows) == len(pairs)
@@ -157,16 +165,48 @@ def test_every_input_format(tmp_path, audit_model_dir, by_hand, fmt, name, shape
 def test_max_samples_max_length_and_4bit(tmp_path, audit_model_dir):
     rows = spaced_pairs()
     data = write(rows, tmp_path / "pairs.jsonl", "jsonl")
-    assert run("--model", audit_model_dir, "--dataset", data, "--max_samples", 5, output_dir=tmp_path / "a") == 0
+    assert (
+        run(
+            "--model_name_or_path",
+            audit_model_dir,
+            "--dataset_name",
+            data,
+            "--max_samples",
+            5,
+            output_dir=tmp_path / "a",
+        )
+        == 0
+    )
     assert read_outputs(tmp_path / "a")[0]["num_pairs_scored"] == 5
     # A prompt of 5 tokens fills max_length=5: such pairs are dropped (as TRL drops them), the others truncated.
-    assert run("--model", audit_model_dir, "--dataset", data, "--max_length", 5, output_dir=tmp_path / "b") == 0
+    assert (
+        run(
+            "--model_name_or_path",
+            audit_model_dir,
+            "--dataset_name",
+            data,
+            "--max_length",
+            5,
+            output_dir=tmp_path / "b",
+        )
+        == 0
+    )
     report, pairs = read_outputs(tmp_path / "b")
     long_prompts = sum(len(r["prompt"].split()) >= 5 for r in rows)
     assert report["num_pairs_dropped"] == long_prompts and len(pairs) == len(rows) - long_prompts
     assert report["num_pairs_truncated"] > 0
     pytest.importorskip("bitsandbytes")
-    assert run("--model", audit_model_dir, "--dataset", data, "--load_in_4bit", output_dir=tmp_path / "c") == 0
+    assert (
+        run(
+            "--model_name_or_path",
+            audit_model_dir,
+            "--dataset_name",
+            data,
+            "--load_in_4bit",
+            output_dir=tmp_path / "c",
+        )
+        == 0
+    )
     exact = [p["delta_ref"] for p in read_outputs(tmp_path / "a")[1]]
     quantized = [p["delta_ref"] for p in read_outputs(tmp_path / "c")[1]][:5]
     assert quantized == pytest.approx(exact, abs=0.1)  # NF4 noise only
@@ -184,12 +224,37 @@ def no_pad_model_dir(tmp_path_factory, audit_model, audit_tokenizer):
 
 def test_no_pad_token_is_an_error_unless_given(tmp_path, no_pad_model_dir, capsys):
     data = write(spaced_pairs(4), tmp_path / "pairs.jsonl", "jsonl")
-    assert run("--model", no_pad_model_dir, "--dataset", data, output_dir=tmp_path / "a") == audit.USER_ERROR
+    assert (
+        run("--model_name_or_path", no_pad_model_dir, "--dataset_name", data, output_dir=tmp_path / "a")
+        == audit.USER_ERROR
+    )
     err = capsys.readouterr().err
     assert "has no pad token" in err and "--pad_token '</s>'" in err and no_pad_model_dir in err
-    assert run("--model", no_pad_model_dir, "--dataset", data, "--pad_token", "<nope>", output_dir=tmp_path) == 2
+    assert (
+        run(
+            "--model_name_or_path",
+            no_pad_model_dir,
+            "--dataset_name",
+            data,
+            "--pad_token",
+            "<nope>",
+            output_dir=tmp_path,
+        )
+        == 2
+    )
     assert "not in the vocabulary" in capsys.readouterr().err
-    assert run("--model", no_pad_model_dir, "--dataset", data, "--pad_token", "</s>", output_dir=tmp_path / "b") == 0
+    assert (
+        run(
+            "--model_name_or_path",
+            no_pad_model_dir,
+            "--dataset_name",
+            data,
+            "--pad_token",
+            "</s>",
+            output_dir=tmp_path / "b",
+        )
+        == 0
+    )
 
 
 def _bad_inputs(tmp_path, model_dir):
@@ -205,40 +270,44 @@ def _bad_inputs(tmp_path, model_dir):
     empty_chat = conversational(rows)
     empty_chat[1]["chosen"] = [{"role": "assistant", "content": ""}]
     return {
-        "missing file": (["--dataset", tmp_path / "nope.jsonl"], ["nope.jsonl", "no such file"]),
-        "bad json": (["--dataset", tmp_path / "bad.jsonl"], ["bad.jsonl", "could not be read as json"]),
-        "unsupported type": (["--dataset", tmp_path / "data.csv"], ["data.csv", "unsupported file type"]),
-        "not a saved dataset": (["--dataset", tmp_path / "plain_folder"], ["plain_folder", "save_to_disk"]),
+        "missing file": (["--dataset_name", tmp_path / "nope.jsonl"], ["nope.jsonl", "no such file"]),
+        "bad json": (["--dataset_name", tmp_path / "bad.jsonl"], ["bad.jsonl", "could not be read as json"]),
+        "unsupported type": (["--dataset_name", tmp_path / "data.csv"], ["data.csv", "unsupported file type"]),
+        "not a saved dataset": (["--dataset_name", tmp_path / "plain_folder"], ["plain_folder", "save_to_disk"]),
         "missing column": (
-            ["--dataset", write(no_rejected, tmp_path / "cols.jsonl", "jsonl")],
+            ["--dataset_name", write(no_rejected, tmp_path / "cols.jsonl", "jsonl")],
             ["cols.jsonl", "'rejected'", "response_b", "rename"],
         ),
         "empty completion": (
-            ["--dataset", write(empty, tmp_path / "empty.jsonl", "jsonl")],
+            ["--dataset_name", write(empty, tmp_path / "empty.jsonl", "jsonl")],
             ["empty.jsonl", "'rejected'", "row(s) 2", "filter"],
         ),
         "wrong value type": (
-            ["--dataset", write(wrong_type, tmp_path / "wrong_type.jsonl", "jsonl")],
+            ["--dataset_name", write(wrong_type, tmp_path / "wrong_type.jsonl", "jsonl")],
             ["wrong_type.jsonl", "'chosen'", "int", "row(s) 1"],
         ),
         "empty chat completion": (
-            ["--dataset", write(empty_chat, tmp_path / "empty_chat.jsonl", "jsonl")],
+            ["--dataset_name", write(empty_chat, tmp_path / "empty_chat.jsonl", "jsonl")],
             ["'chosen'", "row(s) 1"],
         ),
         "missing split": (
-            ["--dataset", write(rows, tmp_path / "dd", "disk_dict"), "--split", "train"],
-            ["no split 'train'", "['test']", "--split"],
+            ["--dataset_name", write(rows, tmp_path / "dd", "disk_dict"), "--dataset_train_split", "train"],
+            ["no split 'train'", "['test']", "--dataset_train_split"],
         ),
         "bad gamma": (
-            ["--dataset", write(rows, tmp_path / "ok.jsonl", "jsonl"), "--gamma", "-1"],
-            ["--gamma", "gamma=-1.0"],
+            ["--dataset_name", write(rows, tmp_path / "ok.jsonl", "jsonl"), "--cpo_gamma", "-1"],
+            ["--cpo_gamma", "cpo_gamma=-1.0"],
+        ),
+        "bad tau": (
+            ["--dataset_name", tmp_path / "ok.jsonl", "--ecpoc_tau", "0"],
+            ["--ecpoc_tau", "ecpoc_tau=0.0"],
         ),
         "model is not a folder": (
-            ["--dataset", tmp_path / "ok.jsonl", "--model", tmp_path / "missing-model"],
+            ["--dataset_name", tmp_path / "ok.jsonl", "--model_name_or_path", tmp_path / "missing-model"],
             ["missing-model", "no such folder"],
         ),
         "model folder without config": (
-            ["--dataset", tmp_path / "ok.jsonl", "--model", tmp_path / "plain_folder"],
+            ["--dataset_name", tmp_path / "ok.jsonl", "--model_name_or_path", tmp_path / "plain_folder"],
             ["plain_folder", "config.json"],
         ),
     }
@@ -246,7 +315,7 @@ def _bad_inputs(tmp_path, model_dir):
 
 def test_bad_inputs_exit_nonzero_with_a_message(tmp_path, audit_model_dir, capsys):
     for case, (argv, expected) in _bad_inputs(tmp_path, audit_model_dir).items():
-        model = [] if "--model" in argv else ["--model", audit_model_dir]
+        model = [] if "--model_name_or_path" in argv else ["--model_name_or_path", audit_model_dir]
         assert run(*model, *argv, output_dir=tmp_path / "out") == audit.USER_ERROR, case
         err = capsys.readouterr().err
         assert err.startswith("trl-cpo audit: error: "), (case, err)
@@ -257,7 +326,7 @@ def test_bad_inputs_exit_nonzero_with_a_message(tmp_path, audit_model_dir, capsy
 
 def test_conversational_data_needs_a_chat_template(tmp_path, no_pad_model_dir, capsys):
     data = write(conversational(spaced_pairs(4)), tmp_path / "chat.jsonl", "jsonl")
-    argv = ("--model", no_pad_model_dir, "--dataset", data, "--pad_token", "</s>")
+    argv = ("--model_name_or_path", no_pad_model_dir, "--dataset_name", data, "--pad_token", "</s>")
     assert run(*argv, output_dir=tmp_path / "out") == audit.USER_ERROR
     assert "no chat template" in capsys.readouterr().err
 
@@ -265,7 +334,7 @@ def test_conversational_data_needs_a_chat_template(tmp_path, no_pad_model_dir, c
 def test_console_entry_point_reports_user_errors_without_traceback(tmp_path, audit_model_dir, capsys):
     from trl_cpo.cli import main
 
-    argv = ["audit", "--model", audit_model_dir, "--dataset", str(tmp_path / "missing.parquet")]
+    argv = ["audit", "--model_name_or_path", audit_model_dir, "--dataset_name", str(tmp_path / "missing.parquet")]
     assert main(argv) == audit.USER_ERROR  # returned, not raised: no traceback
     assert "missing.parquet: no such file or folder" in capsys.readouterr().err
 

@@ -40,9 +40,9 @@ def tok():
     return build_tiny_tokenizer(WORDS)
 
 
-def by_hand(policy, reference, tokenizer, rows, length_normalize):
-    policy_c, policy_r = pair_logps(policy, tokenizer, rows, length_normalize)
-    ref_c, ref_r = pair_logps(reference, tokenizer, rows, length_normalize)
+def by_hand(policy, reference, tokenizer, rows, length_normalized):
+    policy_c, policy_r = pair_logps(policy, tokenizer, rows, length_normalized)
+    ref_c, ref_r = pair_logps(reference, tokenizer, rows, length_normalized)
     return {
         "u_fraction": u_fraction(policy_c, policy_r, ref_c, ref_r, atol=U_FRACTION_ATOL).item(),
         "ref_misaligned_fraction": ref_misaligned_fraction(ref_c, ref_r).item(),
@@ -71,7 +71,7 @@ def test_logs_u_fraction_on_a_plain_dpo_trainer(tmp_path, tok, setup):
         **kwargs,
     )
     callback = UFractionCallback(trainer)
-    assert callback.length_normalize is (setup == "peft")
+    assert callback.length_normalized is (setup == "peft")
     trainer.add_callback(callback)
     trainer.train()
 
@@ -84,11 +84,11 @@ def test_logs_u_fraction_on_a_plain_dpo_trainer(tmp_path, tok, setup):
 
     policy = trainer.model.eval()
     if setup == "ref_model":
-        expected = by_hand(policy, trainer.ref_model, tok, rows, length_normalize=False)
+        expected = by_hand(policy, trainer.ref_model, tok, rows, length_normalized=False)
     else:
-        policy_c, policy_r = pair_logps(policy, tok, rows, length_normalize=True)
+        policy_c, policy_r = pair_logps(policy, tok, rows, length_normalized=True)
         with policy.disable_adapter():
-            ref_c, ref_r = pair_logps(policy, tok, rows, length_normalize=True)
+            ref_c, ref_r = pair_logps(policy, tok, rows, length_normalized=True)
         expected = {
             "u_fraction": u_fraction(policy_c, policy_r, ref_c, ref_r, atol=U_FRACTION_ATOL).item(),
             "ref_misaligned_fraction": ref_misaligned_fraction(ref_c, ref_r).item(),
@@ -103,23 +103,27 @@ def test_logs_u_fraction_on_a_plain_dpo_trainer(tmp_path, tok, setup):
         assert 0 < expected["u_fraction"] < 1 and 0 < expected["ref_misaligned_fraction"] < 1
 
 
-def test_works_with_cpo_trainer_and_a_dict_of_eval_sets(tmp_path, tok):
+@pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm"])
+def test_works_with_cpo_trainer_and_a_dict_of_eval_sets(tmp_path, tok, loss_type):
     initial = build_tiny_llama(tok, seed=0)
     sets = {"a": spaced_pairs(7, seed=2), "b": spaced_pairs(5, seed=3)}
     trainer = CPOTrainer(
         build_tiny_llama(tok, seed=0),
-        args=CPOConfig(str(tmp_path), **TRAIN_ARGS),
+        args=CPOConfig(str(tmp_path), loss_type=loss_type, **TRAIN_ARGS),
         train_dataset=Dataset.from_list(spaced_pairs(8, seed=0)),
         eval_dataset={name: Dataset.from_list(rows) for name, rows in sets.items()},
         processing_class=tok,
     )
-    trainer.add_callback(UFractionCallback(trainer, length_normalize=False))
+    callback = UFractionCallback(trainer)
+    # the callback measures U in the space of the trainer's loss, as the trainer's own u_fraction does
+    assert callback.length_normalized is trainer.length_normalized is (loss_type == "sigmoid_norm")
+    trainer.add_callback(callback)
     trainer.train()
     for name, rows in sets.items():
         logged = records(trainer, f"eval_{name}")
         assert [r["step"] for r in logged] == [1, 2]
         # CPO precomputes the reference (the initial policy) into the batches; the callback reads it from there.
-        expected = by_hand(trainer.model.eval(), initial, tok, rows, length_normalize=False)
+        expected = by_hand(trainer.model.eval(), initial, tok, rows, length_normalized=(loss_type == "sigmoid_norm"))
         assert logged[-1][f"eval_{name}_u_fraction"] == pytest.approx(expected["u_fraction"])
         assert logged[-1][f"eval_{name}_ref_misaligned_fraction"] == pytest.approx(expected["ref_misaligned_fraction"])
 
@@ -182,7 +186,7 @@ def test_gathers_over_two_processes(tmp_path, tok):
     assert len(logged) == 1
     # Before any training step the policy is the seed-0 model and the reference the seed-1 model.
     policy, reference = build_tiny_llama(tok, seed=0).eval(), build_tiny_llama(tok, seed=1).eval()
-    expected = by_hand(policy, reference, tok, spaced_pairs(7, 6), length_normalize=False)
+    expected = by_hand(policy, reference, tok, spaced_pairs(7, 6), length_normalized=False)
     assert logged[0]["eval_u_fraction"] == pytest.approx(expected["u_fraction"], abs=1e-6)
     assert logged[0]["eval_ref_misaligned_fraction"] == pytest.approx(expected["ref_misaligned_fraction"], abs=1e-6)
     assert result["metrics"]["eval_u_fraction"] == logged[0]["eval_u_fraction"]

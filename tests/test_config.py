@@ -13,37 +13,48 @@ CPU = dict(output_dir="unused", report_to="none", use_cpu=True, bf16=False)
 
 def test_cpo_defaults_are_the_released_settings():
     config = CPOConfig(**CPU)
-    assert (config.beta, config.gamma, config.margin_type) == (2.5, 0.05, "inverse_prob")
-    assert config.length_normalize and config.precompute_ref_log_probs
-    assert config.loss_type == ["sigmoid_norm"]  # the CPO term, on averaged log-probs
-    assert math.isfinite(config.max_margin) and config.max_margin > 0
+    assert (config.beta, config.cpo_gamma, config.cpo_margin_type) == (2.5, 0.05, "inverse_prob")
+    assert config.precompute_ref_log_probs
+    assert config.loss_type == ["sigmoid_norm"]  # the CPO term, on per-token averaged log-probs
+    assert math.isfinite(config.cpo_max_margin) and config.cpo_max_margin > 0
 
 
 def test_ecpoc_defaults_are_the_released_settings():
     config = ECPOCConfig(**CPU)
-    assert (config.gamma, config.tau, config.alpha) == (0.5, 2.0, 1.0)
-    assert config.loss_type == ["sigmoid_norm"]
+    assert (config.ecpoc_gamma, config.ecpoc_tau, config.ecpoc_alpha) == (0.5, 2.0, 1.0)
+    assert config.beta == 2.5 and config.loss_type == ["sigmoid_norm"]
 
 
-def test_length_normalize_picks_trl_loss_term_and_keeps_sft():
-    assert CPOConfig(**CPU, length_normalize=False).loss_type == ["sigmoid"]
-    # either spelling names the CPO term; length_normalize alone sets the scale, so a config can be re-derived
-    assert CPOConfig(**CPU, loss_type="sigmoid_norm", length_normalize=False).loss_type == ["sigmoid"]
-    summed = dataclasses.replace(CPOConfig(**CPU), length_normalize=False)
-    assert summed.loss_type == ["sigmoid"] and not summed.length_normalize
+@pytest.mark.parametrize("cls", [CPOConfig, ECPOCConfig])
+def test_method_fields_are_prefixed_and_length_normalize_is_gone(cls):
+    names = {f.name for f in dataclasses.fields(cls)}
+    prefix = "cpo_" if cls is CPOConfig else "ecpoc_"
+    assert f"{prefix}gamma" in names
+    assert not names & {"gamma", "tau", "alpha", "margin_type", "max_margin", "length_normalize"}
+
+
+def test_loss_type_alone_picks_the_space_and_is_never_rewritten():
+    assert CPOConfig(**CPU, loss_type="sigmoid").loss_type == ["sigmoid"]
+    assert CPOConfig(**CPU, loss_type="sigmoid_norm").loss_type == ["sigmoid_norm"]
+    summed = dataclasses.replace(CPOConfig(**CPU), loss_type=["sigmoid"])
+    assert summed.loss_type == ["sigmoid"]
     config = CPOConfig(**CPU, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.1])
-    assert config.loss_type == ["sigmoid_norm", "sft"]
+    assert config.loss_type == ["sigmoid", "sft"]
+    config = ECPOCConfig(**CPU, loss_type=["sft", "sigmoid_norm"], loss_weights=[0.1, 1.0])
+    assert config.loss_type == ["sft", "sigmoid_norm"]
+    with pytest.raises(ValueError, match="exactly one preference term"):
+        CPOConfig(**CPU, loss_type=["sigmoid", "sigmoid_norm"], loss_weights=[1.0, 1.0])
 
 
 @pytest.mark.parametrize(
     "cls, kwargs, field_name",
     [
-        (CPOConfig, {"gamma": -0.1}, "gamma"),
-        (CPOConfig, {"gamma": math.nan}, "gamma"),
-        (CPOConfig, {"margin_type": "exp"}, "margin_type"),
-        (CPOConfig, {"max_margin": 0.0}, "max_margin"),
-        (CPOConfig, {"max_margin": -1.0}, "max_margin"),
-        (CPOConfig, {"max_margin": math.inf}, "max_margin"),
+        (CPOConfig, {"cpo_gamma": -0.1}, "cpo_gamma"),
+        (CPOConfig, {"cpo_gamma": math.nan}, "cpo_gamma"),
+        (CPOConfig, {"cpo_margin_type": "exp"}, "cpo_margin_type"),
+        (CPOConfig, {"cpo_max_margin": 0.0}, "cpo_max_margin"),
+        (CPOConfig, {"cpo_max_margin": -1.0}, "cpo_max_margin"),
+        (CPOConfig, {"cpo_max_margin": math.inf}, "cpo_max_margin"),
         (CPOConfig, {"beta": 0.0}, "beta"),
         (CPOConfig, {"loss_type": "ipo"}, "loss_type"),
         (CPOConfig, {"loss_type": ["hinge", "sft"]}, "loss_type"),
@@ -52,11 +63,11 @@ def test_length_normalize_picks_trl_loss_term_and_keeps_sft():
         (CPOConfig, {"ld_alpha": 0.5}, "ld_alpha"),
         (CPOConfig, {"precompute_ref_log_probs": False}, "precompute_ref_log_probs"),
         (CPOConfig, {"sync_ref_model": True}, "sync_ref_model"),
-        (ECPOCConfig, {"tau": 0.0}, "tau"),
-        (ECPOCConfig, {"tau": -2.0}, "tau"),
-        (ECPOCConfig, {"alpha": 0.0}, "alpha"),
-        (ECPOCConfig, {"alpha": -1.0}, "alpha"),
-        (ECPOCConfig, {"gamma": -0.5}, "gamma"),
+        (ECPOCConfig, {"ecpoc_tau": 0.0}, "ecpoc_tau"),
+        (ECPOCConfig, {"ecpoc_tau": -2.0}, "ecpoc_tau"),
+        (ECPOCConfig, {"ecpoc_alpha": 0.0}, "ecpoc_alpha"),
+        (ECPOCConfig, {"ecpoc_alpha": -1.0}, "ecpoc_alpha"),
+        (ECPOCConfig, {"ecpoc_gamma": -0.5}, "ecpoc_gamma"),
         (ECPOCConfig, {"loss_type": "apo_zero"}, "loss_type"),
         (ECPOCConfig, {"f_divergence_type": "forward_kl"}, "f_divergence_type"),
     ],
@@ -71,11 +82,12 @@ def test_unsupported_loss_type_message_lists_what_works():
     with pytest.raises(ValueError) as excinfo:
         CPOConfig(**CPU, loss_type="ipo")
     message = str(excinfo.value)
-    assert "'sigmoid'" in message and "'sft'" in message and "loss_weights" in message
+    assert "'sigmoid_norm'" in message and "'sigmoid'" in message
+    assert "'sft'" in message and "loss_weights" in message
 
 
 def test_infinite_tau_is_accepted():
-    assert ECPOCConfig(**CPU, tau=math.inf).tau == math.inf
+    assert ECPOCConfig(**CPU, ecpoc_tau=math.inf).ecpoc_tau == math.inf
 
 
 def test_bad_dpo_config_fails_before_the_model_is_loaded(train_dataset):
@@ -100,78 +112,116 @@ def test_wrong_config_class_is_rejected(train_dataset):
 def test_trlparser_reads_cli_and_yaml(tmp_path, monkeypatch):
     parser = TrlParser((ScriptArguments, CPOConfig, ModelConfig))
     _, config, _ = parser.parse_args_and_config(
-        ["--dataset_name", "local", "--output_dir", str(tmp_path), "--gamma", "0.1", "--margin_type", "inverse_logp"]
-        + ["--use_cpu", "--bf16", "false", "--report_to", "none"]
+        ["--dataset_name", "local", "--output_dir", str(tmp_path), "--cpo_gamma", "0.1"]
+        + ["--cpo_margin_type", "inverse_logp", "--use_cpu", "--bf16", "false", "--report_to", "none"]
     )
-    assert isinstance(config, CPOConfig) and config.gamma == 0.1 and config.margin_type == "inverse_logp"
+    assert isinstance(config, CPOConfig) and config.cpo_gamma == 0.1 and config.cpo_margin_type == "inverse_logp"
+    assert config.loss_type == ["sigmoid_norm"]
 
     yaml_file = tmp_path / "cpo.yaml"
     yaml_file.write_text(
-        f"dataset_name: local\noutput_dir: {tmp_path}\ngamma: 0.2\nmax_margin: 5.0\nlength_normalize: false\n"
+        f"dataset_name: local\noutput_dir: {tmp_path}\ncpo_gamma: 0.2\ncpo_max_margin: 5.0\nloss_type: sigmoid\n"
         "use_cpu: true\nbf16: false\nreport_to: none\n"
     )
     monkeypatch.setattr(sys, "argv", ["prog", "--config", str(yaml_file)])
     _, config, _ = TrlParser((ScriptArguments, CPOConfig, ModelConfig)).parse_args_and_config()
-    assert (config.gamma, config.max_margin, config.length_normalize) == (0.2, 5.0, False)
-    assert config.loss_type == ["sigmoid"]
+    assert (config.cpo_gamma, config.cpo_max_margin, config.loss_type) == (0.2, 5.0, ["sigmoid"])
 
     parser = TrlParser((ScriptArguments, ECPOCConfig, ModelConfig))
     _, config, _ = parser.parse_args_and_config(
-        ["--dataset_name", "d", "--output_dir", str(tmp_path), "--tau", "inf", "--use_cpu", "--bf16", "false"]
+        ["--dataset_name", "d", "--output_dir", str(tmp_path), "--ecpoc_tau", "inf", "--use_cpu", "--bf16", "false"]
     )
-    assert config.tau == math.inf
+    assert config.ecpoc_tau == math.inf
+
+
+@pytest.mark.parametrize("old_flag", ["--gamma", "--tau", "--length_normalize"])
+def test_old_unprefixed_flags_are_rejected(tmp_path, old_flag):
+    parser = TrlParser((ScriptArguments, ECPOCConfig, ModelConfig))
+    with pytest.raises(ValueError, match=f"not used by the HfArgumentParser: \\['{old_flag}'"):
+        parser.parse_args_and_config(
+            ["--dataset_name", "d", "--output_dir", str(tmp_path), old_flag, "1", "--use_cpu", "--bf16", "false"]
+        )
 
 
 def test_bad_value_from_the_command_line_fails_at_parse_time(tmp_path):
     parser = TrlParser((ScriptArguments, CPOConfig, ModelConfig))
-    with pytest.raises(ValueError, match="gamma"):
+    with pytest.raises(ValueError, match="cpo_gamma=-1"):
         parser.parse_args_and_config(
-            ["--dataset_name", "d", "--output_dir", str(tmp_path), "--gamma", "-1", "--use_cpu", "--bf16", "false"]
+            ["--dataset_name", "d", "--output_dir", str(tmp_path), "--cpo_gamma", "-1", "--use_cpu", "--bf16", "false"]
         )
 
 
-def test_plain_dpo_config_is_upgraded_keeping_user_fields(model, tokenizer, train_dataset, tmp_path, caplog):
+def _dpo_fields(config) -> dict:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(DPOConfig) if f.init}
+
+
+def test_plain_dpo_config_is_kept_as_is_with_precompute_switched_on(model, tokenizer, train_dataset, tmp_path, caplog):
+    # DPOConfig's own defaults, beta 0.1 and loss_type 'sigmoid' (summed), are kept: nothing is "upgraded".
     args = DPOConfig(
         output_dir=str(tmp_path),
         report_to="none",
         use_cpu=True,
         bf16=False,
-        learning_rate=3e-4,  # set by the user: kept
-        beta=0.3,  # set by the user (not DPO's default): kept
+        learning_rate=3e-4,
         per_device_train_batch_size=4,
         max_steps=1,
+        logging_steps=1,
         gradient_checkpointing=False,
         save_strategy="no",
     )
+    assert (args.beta, args.loss_type, args.precompute_ref_log_probs) == (0.1, ["sigmoid"], False)
+    # Built before the trainer: creating training arguments resets accelerate's state, which the trainer holds.
+    defaults = CPOConfig(**CPU)
     with caplog.at_level("WARNING", logger="trl_cpo"):
         trainer = CPOTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
     assert isinstance(trainer.args, CPOConfig)
-    assert trainer.args.learning_rate == 3e-4 and trainer.args.beta == 0.3
-    assert trainer.args.per_device_train_batch_size == 4 and trainer.args.output_dir == str(tmp_path)
-    assert trainer.args.precompute_ref_log_probs and trainer.args.gamma == 0.05
-    assert "upgraded it to CPOConfig" in caplog.text and "precompute_ref_log_probs" in caplog.text
+    assert (trainer.args.beta, trainer.args.loss_type) == (0.1, ["sigmoid"])
+    assert trainer.args.precompute_ref_log_probs and not trainer.length_normalized
+    expected = {**_dpo_fields(args), "precompute_ref_log_probs": True}
+    changed = {k: (v, expected[k]) for k, v in _dpo_fields(trainer.args).items() if v != expected[k]}
+    assert not changed, changed
+    # The method's own fields take the CPOConfig defaults.
+    assert (trainer.args.cpo_gamma, trainer.args.cpo_margin_type, trainer.args.cpo_max_margin) == (
+        defaults.cpo_gamma,
+        defaults.cpo_margin_type,
+        defaults.cpo_max_margin,
+    )
+    # One log line, naming the only field that changed.
+    records = [r for r in caplog.records if r.name == "trl_cpo" and "DPOConfig" in r.getMessage()]
+    assert len(records) == 1 and "precompute_ref_log_probs" in records[0].getMessage()
     trainer.train()
-    assert "cpo_margin" in trainer.state.log_history[0]
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    assert steps and all("cpo_margin" in h for h in steps)
 
 
-def test_default_dpo_beta_is_upgraded(model, tokenizer, train_dataset, tmp_path):
+def test_default_dpo_config_is_kept_by_the_ecpoc_trainer(model, tokenizer, train_dataset, tmp_path):
     args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
     trainer = ECPOCTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
-    assert isinstance(trainer.args, ECPOCConfig) and trainer.args.beta == 2.5 and trainer.args.tau == 2.0
-    assert trainer.args.length_normalize and trainer.args.loss_type == ["sigmoid_norm"]
+    assert isinstance(trainer.args, ECPOCConfig)
+    assert (trainer.args.beta, trainer.args.loss_type) == (0.1, ["sigmoid"])  # DPO's, not E-CPOC's 2.5 / sigmoid_norm
+    assert (trainer.args.ecpoc_gamma, trainer.args.ecpoc_tau, trainer.args.ecpoc_alpha) == (0.5, 2.0, 1.0)
+    assert trainer.args.precompute_ref_log_probs
 
 
-@pytest.mark.parametrize("dpo_loss_type, length_normalize", [("sigmoid", False), ("sigmoid_norm", True)])
-def test_user_beta_keeps_the_dpo_log_prob_scale(tmp_path, dpo_loss_type, length_normalize):
-    # beta 0.2 was tuned for the DPO loss's scale: silently switching summed -> averaged would change its meaning
-    from trl_cpo._config_utils import upgrade_dpo_config
+@pytest.mark.parametrize("dpo_loss_type", ["sigmoid", "sigmoid_norm"])
+def test_from_dpo_config_keeps_beta_and_loss_type(tmp_path, dpo_loss_type, caplog):
+    from trl_cpo._config_utils import from_dpo_config
 
     args = DPOConfig(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, beta=0.2, loss_type=dpo_loss_type
     )
-    config = upgrade_dpo_config(args, CPOConfig)
-    assert config.beta == 0.2 and config.length_normalize is length_normalize
-    assert config.loss_type == [dpo_loss_type]
+    with caplog.at_level("WARNING", logger="trl_cpo"):
+        config = from_dpo_config(args, CPOConfig)
+    assert type(config) is CPOConfig
+    assert (config.beta, config.loss_type, config.precompute_ref_log_probs) == (0.2, [dpo_loss_type], True)
+    assert "precompute_ref_log_probs" in caplog.text
+    # Already precomputing: nothing changes, so nothing is logged.
+    caplog.clear()
+    args = DPOConfig(**CPU, precompute_ref_log_probs=True, loss_type=dpo_loss_type)
+    with caplog.at_level("WARNING", logger="trl_cpo"):
+        config = from_dpo_config(args, ECPOCConfig)
+    assert _dpo_fields(config) == _dpo_fields(args)
+    assert not [r for r in caplog.records if r.name == "trl_cpo"]
 
 
 def test_no_args_gives_method_named_output_dir(model, tokenizer, train_dataset, monkeypatch, tmp_path):

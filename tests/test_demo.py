@@ -1,5 +1,6 @@
 """`trl-cpo demo`: a tiny end-to-end run, determinism, the corrupted reference, and the task's building blocks."""
 
+import argparse
 import json
 import math
 
@@ -8,12 +9,13 @@ import torch
 
 from trl_cpo import _demo_task as task_lib
 from trl_cpo import demo
+from trl_cpo.reference import ReferenceLogps
 from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
 # A few steps of everything at toy sizes: exercises the whole pipeline, not the phenomenon.
 TINY_ARGS = [
-    "--steps", "4",
-    "--batch_size", "4",
+    "--max_steps", "4",
+    "--per_device_train_batch_size", "4",
     "--eval_every", "2",
     "--ref_steps", "8",
     "--ref_batch_size", "8",
@@ -65,7 +67,7 @@ def test_demo_writes_table_plots_and_json(sweep_run, capsys):
         assert png.stat().st_size < 300_000
 
     output = json.loads((sweep_run / "results.json").read_text())
-    assert output["config"]["steps"] == 4 and output["config"]["seed"] == 3
+    assert output["config"]["max_steps"] == 4 and output["config"]["seed"] == 3
     assert [r["corruption"] for r in output["results"]] == [0.0, 0.5]
     for result in output["results"]:
         _check_fraction(result["reference"]["misaligned_rate"])
@@ -82,8 +84,22 @@ def test_demo_writes_table_plots_and_json(sweep_run, capsys):
             assert method["history"][0]["u_fraction"] == 0.0
             assert method["history"][0]["accuracy"] == result["reference"]["accuracy"]
             assert all(math.isfinite(entry["loss"]) for entry in method["train_loss"])
-        assert result["methods"]["DPO"]["loss_type"] == ["sigmoid_norm"]
-        assert result["methods"]["CPO"]["loss_type"] == ["sigmoid_norm"]
+        for name in ("DPO", "CPO", "E-CPOC"):
+            assert result["methods"][name]["loss_type"] == ["sigmoid_norm"]
+        assert result["methods"]["CPO"]["hyperparameters"] == {
+            "beta": 2.5,
+            "cpo_gamma": 0.05,
+            "cpo_margin_type": "inverse_prob",
+            "cpo_max_margin": 10.0,
+            "loss_type": "sigmoid_norm",
+        }
+        assert set(result["methods"]["E-CPOC"]["hyperparameters"]) == {
+            "beta",
+            "ecpoc_gamma",
+            "ecpoc_tau",
+            "ecpoc_alpha",
+            "loss_type",
+        }
         assert result["methods"]["E-CPOC"]["trainer"] == "trl_cpo.ECPOCTrainer"
 
 
@@ -152,7 +168,7 @@ def test_task_building_blocks():
 
 
 def test_held_out_metrics():
-    # delta_ref = [-2, -2, -2, 1]; delta_pi = [-3 (below the reference), -1 (in U), 0.5 (fixed), 2].
+    # delta_ref = [-2, -2, -2, 1]; delta_pi = [-3 (below the reference), -1 (in U), 0.5 (fixed), 2] (per token).
     ref_chosen, ref_rejected = torch.tensor([-3.0, -3.0, -3.0, -1.0]), torch.tensor([-1.0, -1.0, -1.0, -2.0])
     policy_chosen, policy_rejected = torch.tensor([-4.0, -2.0, -0.5, 0.0]), torch.tensor([-1.0, -1.0, -1.0, -2.0])
     metrics = demo.held_out_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
@@ -163,13 +179,28 @@ def test_held_out_metrics():
     clean = demo.held_out_metrics(policy_chosen[3:], policy_rejected[3:], ref_chosen[3:], ref_rejected[3:])
     assert clean["u_fraction"] == 0.0 and clean["u_fraction_ref_misaligned"] is None
 
-    # The targets the table reports: DPO's is delta_ref; CPO's is raised by m / beta; E-CPOC's is at least ~gamma.
+
+@pytest.mark.parametrize("loss_type", ["sigmoid_norm", "sigmoid"])
+def test_method_targets_are_the_trainers_targets(loss_type):
+    # The targets the table reports, from the reference's summed log-probs and completion lengths: DPO's is
+    # delta_ref; CPO's is raised by m / beta with m on per-token probabilities; E-CPOC's is at least ~ecpoc_gamma.
+    lengths_chosen, lengths_rejected = torch.tensor([2.0, 3.0, 1.0, 4.0]), torch.tensor([4.0, 1.0, 2.0, 3.0])
+    token_chosen, token_rejected = torch.tensor([-3.0, -3.0, -3.0, -1.0]), torch.tensor([-1.0, -1.0, -1.0, -2.0])
+    reference = ReferenceLogps(
+        token_chosen * lengths_chosen, token_rejected * lengths_rejected, lengths_chosen, lengths_rejected
+    )
     args = demo.build_parser().parse_args([])
-    dpo = demo.method_target("DPO", ref_chosen, ref_rejected, args)
-    cpo = demo.method_target("CPO", ref_chosen, ref_rejected, args)
-    ecpoc = demo.method_target("E-CPOC", ref_chosen, ref_rejected, args)
-    assert torch.equal(dpo, ref_chosen - ref_rejected)
-    assert (cpo > dpo).all()
+    config = argparse.Namespace(**vars(args), loss_type=[loss_type])
+    if loss_type == "sigmoid_norm":
+        delta_ref = token_chosen - token_rejected
+    else:
+        delta_ref = reference.chosen - reference.rejected
+    dpo = demo.method_target("DPO", reference, config)
+    cpo = demo.method_target("CPO", reference, config)
+    ecpoc = demo.method_target("E-CPOC", reference, config)
+    torch.testing.assert_close(dpo, delta_ref)
+    margin = args.cpo_gamma * (torch.exp(-token_chosen) + torch.exp(-token_rejected))  # below the cap of 10 here
+    torch.testing.assert_close(cpo, delta_ref + margin / args.beta)
     assert (ecpoc >= args.ecpoc_gamma).all()
 
 
@@ -180,9 +211,13 @@ def test_cli_help_and_bad_arguments(capsys):
         cli_main(["demo", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--corruption", "--steps", "--seed", "--output_dir", "--beta", "--cpo_gamma", "--tau", "--alpha"):
+    flags = ["--corruption", "--max_steps", "--per_device_train_batch_size", "--seed", "--output_dir", "--beta"]
+    flags += ["--cpo_gamma", "--cpo_margin_type", "--cpo_max_margin", "--ecpoc_gamma", "--ecpoc_tau", "--ecpoc_alpha"]
+    for flag in flags:
         assert flag in help_text
-    for bad in (["--corruption", "1.5"], ["--steps", "0"], ["--label_noise", "0.5"], ["--methods", "IPO"]):
+    for old in ("--steps ", "--batch_size ", "--tau ", "--alpha ", "--margin_type "):
+        assert old not in help_text
+    for bad in (["--corruption", "1.5"], ["--max_steps", "0"], ["--label_noise", "0.5"], ["--methods", "IPO"]):
         with pytest.raises(SystemExit) as exit_info:
             demo.main(bad)
         assert exit_info.value.code == 2

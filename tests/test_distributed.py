@@ -35,6 +35,7 @@ from helpers import subprocess_env
 from safetensors.torch import load_file
 
 from trl_cpo.losses import cpo_margin, ecpoc_target
+from trl_cpo.methods import METHODS
 from trl_cpo.metrics import U_FRACTION_ATOL
 from trl_cpo.tiny import build_tiny_llama
 
@@ -72,7 +73,8 @@ def free_port() -> int:
 
 
 def margin_metric(name):
-    return "cpo_margin" if name.startswith("cpo") else "ecpoc_target"
+    """The per-pair quantity the scenario's method logs (`cpo_margin`, `ecpoc_target`)."""
+    return METHODS[name.split("-")[0]].metric_name
 
 
 @pytest.fixture(scope="module")

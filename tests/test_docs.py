@@ -68,7 +68,8 @@ def test_mkdocs_build_strict(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # The generated parts are there: the configuration tables (hook) and the API reference (mkdocstrings).
     configuration = (site / "configuration" / "index.html").read_text(encoding="utf-8")
-    assert "<code>gamma</code>" in configuration and "<code>tau</code>" in configuration
+    assert "<code>cpo_gamma</code>" in configuration and "<code>ecpoc_tau</code>" in configuration
+    assert "length_normalize" not in configuration
     assert "config-reference:" not in configuration
     api = (site / "api" / "index.html").read_text(encoding="utf-8")
-    assert "cpo_margin" in api and "UFractionCallback" in api
+    assert "cpo_margin" in api and "UFractionCallback" in api and "is_length_normalized" in api

@@ -80,6 +80,7 @@ def check_card(text: str, *, method: str, base_model: str, dataset: str, rows: d
     assert f"- Dataset: {dataset}" in text
     for name, value in rows.items():
         assert f"| `{name}` | `{value}` |" in text, name
+    assert "length_normalize" not in text
 
 
 def config_kwargs(tmp_path, **kwargs):
@@ -118,16 +119,16 @@ def test_push_lora_adapter_with_cpo_card(fake_hub, model_dir, train_dataset, tmp
         method="CPO",
         base_model="example-org/tiny-llama-base",
         dataset="trl-lib/ultrafeedback_binarized",
-        rows={"beta": 2.5, "gamma": 0.05, "margin_type": "inverse_prob", "length_normalize": True},
+        rows={"beta": 2.5, "cpo_gamma": 0.05, "cpo_margin_type": "inverse_prob", "loss_type": ["sigmoid_norm"]},
     )
 
 
 def test_push_full_weights_with_ecpoc_card(fake_hub, model_dir, train_dataset, tmp_path):
     args = ECPOCConfig(
         **config_kwargs(tmp_path, push_to_hub=True, hub_model_id="test-org/tiny-ecpoc", save_strategy="no"),
-        gamma=0.5,
-        tau=2.0,
-        alpha=1.0,
+        ecpoc_gamma=0.5,
+        ecpoc_tau=2.0,
+        ecpoc_alpha=1.0,
     )
     trainer = ECPOCTrainer(model_dir, args=args, train_dataset=train_dataset)
     trainer.train()
@@ -148,7 +149,7 @@ def test_push_full_weights_with_ecpoc_card(fake_hub, model_dir, train_dataset, t
         method="E-CPOC",
         base_model=model_dir,
         dataset="HuggingFaceH4/ultrafeedback_binarized",
-        rows={"beta": 2.5, "gamma": 0.5, "tau": 2.0, "alpha": 1.0, "length_normalize": True},
+        rows={"beta": 2.5, "ecpoc_gamma": 0.5, "ecpoc_tau": 2.0, "ecpoc_alpha": 1.0, "loss_type": ["sigmoid_norm"]},
     )
 
 
@@ -163,7 +164,7 @@ def test_recipe_push_to_hub_qlora(fake_hub, tmp_path, monkeypatch):
     argv = ["--config", "recipes/configs/tiny_cpu.yaml", "--model_name_or_path", str(model_dir)]
     argv += ["--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--disable_tqdm", "true"]
     argv += ["--use_peft", "--load_in_4bit", "--lora_r", "8", "--lora_target_modules", "all-linear"]
-    argv += ["--push_to_hub", "--hub_model_id", "test-org/tiny-cpo-qlora", "--gamma", "0.1"]
+    argv += ["--push_to_hub", "--hub_model_id", "test-org/tiny-cpo-qlora", "--cpo_gamma", "0.1"]
     trainer = recipe.main(*recipe.parse_args(argv))
     assert trainer.model.get_base_model().is_loaded_in_4bit
 
@@ -186,5 +187,5 @@ def test_recipe_push_to_hub_qlora(fake_hub, tmp_path, monkeypatch):
         method="CPO",
         base_model=str(model_dir),
         dataset="tiny_prefs.jsonl",
-        rows={"beta": 2.5, "gamma": 0.1, "margin_type": "inverse_prob", "length_normalize": True},
+        rows={"beta": 2.5, "cpo_gamma": 0.1, "cpo_margin_type": "inverse_prob", "loss_type": ["sigmoid_norm"]},
     )

@@ -4,8 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trl_cpo.logps import completion_lengths, is_length_normalized, per_token, to_loss_space
 from trl_cpo.losses import (
     DEFAULT_MAX_MARGIN,
+    check_margin_hyperparameters,
+    check_target_hyperparameters,
     cpo_loss,
     cpo_margin,
     dpo_loss,
@@ -40,6 +43,22 @@ def test_cpo_loss_is_dpo_with_margin_subtracted_from_the_logit():
     torch.testing.assert_close(cpo_loss(pc, pr, rc, rr, beta=2.5, gamma=0.05), expected)
     # a positive margin asks for more: the loss is larger than DPO's on every pair
     assert (cpo_loss(pc, pr, rc, rr, beta=2.5, gamma=0.05) > dpo_loss(pc, pr, rc, rr, beta=2.5)).all()
+
+
+def test_cpo_loss_takes_its_margin_from_per_token_logps_when_given():
+    # Summed log-probs of completions of 3 and 5 tokens: the trainers' margin reads the per-token values, while the
+    # target and delta_pi stay in the summed space.
+    pc, pr, rc, rr = _logps(n=2, scale=8.0)
+    lengths = torch.tensor([3.0, 5.0])
+    rc_token, rr_token = rc / lengths, rr / lengths.flip(0)
+    m = cpo_margin(rc_token, rr_token, gamma=0.05)
+    expected = -F.logsigmoid(2.5 * ((pc - pr) - (rc - rr)) - m)
+    loss = cpo_loss(
+        pc, pr, rc, rr, beta=2.5, gamma=0.05, ref_chosen_token_logps=rc_token, ref_rejected_token_logps=rr_token
+    )
+    torch.testing.assert_close(loss, expected)
+    # without them the margin reads the log-probs as passed (here summed): a different, larger margin
+    assert not torch.allclose(cpo_loss(pc, pr, rc, rr, beta=2.5, gamma=0.05), expected)
 
 
 def test_inverse_prob_margin_matches_paper_form_below_cap():
@@ -136,6 +155,38 @@ def test_losses_and_gradients_finite_at_extreme_logps(name, dtype):
 def test_functions_reject_bad_hyperparameters(call, field):
     with pytest.raises(ValueError, match=field):
         call()
+
+
+@pytest.mark.parametrize(
+    "check, kwargs, name",
+    [
+        (check_margin_hyperparameters, {"gamma": -1.0}, "cpo_gamma"),
+        (check_margin_hyperparameters, {"gamma": 0.1, "margin_type": "exp"}, "cpo_margin_type"),
+        (check_margin_hyperparameters, {"gamma": 0.1, "max_margin": 0.0}, "cpo_max_margin"),
+        (check_target_hyperparameters, {"gamma": -1.0, "tau": 2.0, "alpha": 1.0}, "ecpoc_gamma"),
+        (check_target_hyperparameters, {"gamma": 0.5, "tau": 0.0, "alpha": 1.0}, "ecpoc_tau"),
+        (check_target_hyperparameters, {"gamma": 0.5, "tau": 2.0, "alpha": 0.0}, "ecpoc_alpha"),
+    ],
+)
+def test_validation_messages_name_the_config_field_with_its_prefix(check, kwargs, name):
+    prefix = name.split("_")[0] + "_"
+    with pytest.raises(ValueError) as excinfo:
+        check(**kwargs, prefix=prefix)
+    assert str(excinfo.value).startswith(f"{name}=")
+
+
+def test_log_prob_space_helpers():
+    assert is_length_normalized("sigmoid_norm") and is_length_normalized(["sft", "sigmoid_norm"])
+    assert not is_length_normalized("sigmoid") and not is_length_normalized(["sigmoid", "sft"])
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]])  # [chosen; rejected] of 2 pairs
+    chosen_lengths, rejected_lengths = completion_lengths(mask)
+    assert chosen_lengths.tolist() == [2.0, 4.0] and rejected_lengths.tolist() == [0.0, 1.0]
+    chosen, rejected = torch.tensor([-4.0, -8.0]), torch.tensor([-3.0, -1.5])
+    summed = to_loss_space(chosen, rejected, chosen_lengths, rejected_lengths, False)
+    assert [t.tolist() for t in summed] == [[-4.0, -8.0], [-3.0, -1.5]]
+    averaged = to_loss_space(chosen, rejected, chosen_lengths, rejected_lengths, True)
+    assert [t.tolist() for t in averaged] == [[-2.0, -2.0], [-3.0, -1.5]]  # an empty completion counts as 1 token
+    assert per_token(chosen, chosen_lengths).tolist() == [-2.0, -2.0]
 
 
 def test_u_fraction_and_misalignment_by_hand():

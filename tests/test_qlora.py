@@ -55,7 +55,10 @@ def batch_logits(model, rows):
 
 @pytest.mark.parametrize(
     "trainer_cls, config_cls, extra",
-    [(CPOTrainer, CPOConfig, {"gamma": 0.05}), (ECPOCTrainer, ECPOCConfig, {"gamma": 0.5, "tau": 2.0})],
+    [
+        (CPOTrainer, CPOConfig, {"cpo_gamma": 0.05}),
+        (ECPOCTrainer, ECPOCConfig, {"ecpoc_gamma": 0.5, "ecpoc_tau": 2.0}),
+    ],
     ids=["cpo", "ecpoc"],
 )
 def test_qlora_trains_against_frozen_quantized_base(

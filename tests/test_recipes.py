@@ -92,14 +92,14 @@ def test_tiny_recipe_with_accelerate_launch(tiny_model, tmp_path):
         assert {"u_fraction", "ref_misaligned_fraction", "cpo_margin"} <= step.keys()
     assert (out / "model.safetensors").is_file()
     assert "## Method: CPO (Constrained Preference Optimization)" in card
-    assert "- Dataset: tiny_prefs.jsonl" in card and "| `gamma` | `0.05` |" in card
+    assert "- Dataset: tiny_prefs.jsonl" in card and "| `cpo_gamma` | `0.05` |" in card
 
 
 def test_tiny_recipe_with_torchrun_two_processes(tiny_model, tmp_path):
     out = tmp_path / "ecpoc"
     launcher = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
     args = ["--model_name_or_path", str(tiny_model), "--output_dir", str(out)]
-    args += ["--method", "ecpoc", "--gamma", "0.5", "--tau", "2.0", "--alpha", "1.0"]
+    args += ["--method", "ecpoc", "--ecpoc_gamma", "0.5", "--ecpoc_tau", "2.0", "--ecpoc_alpha", "1.0"]
     run_recipe(launcher, args)
     results, steps, card = read_run(out)
     assert results["num_processes"] == 2 and results["train_samples"] == 64
@@ -107,7 +107,7 @@ def test_tiny_recipe_with_torchrun_two_processes(tiny_model, tmp_path):
     for step in steps:
         assert {"u_fraction", "ref_misaligned_fraction", "ecpoc_target"} <= step.keys()
     assert (out / "model.safetensors").is_file()
-    assert "## Method: E-CPOC" in card and "| `tau` | `2.0` |" in card
+    assert "## Method: E-CPOC" in card and "| `ecpoc_tau` | `2.0` |" in card
 
 
 def _free_port() -> int:
@@ -132,7 +132,7 @@ RELEASED = {
     "max_length": 2048,
     "bf16": True,
     "gradient_checkpointing": True,
-    "length_normalize": True,
+    "loss_type": ["sigmoid_norm"],
     "precompute_ref_log_probs": True,
 }
 
@@ -140,9 +140,14 @@ RELEASED = {
 @pytest.mark.parametrize(
     "name, config_cls, method_values, peft",
     [
-        ("cpo_llama3_8b_instruct_full", CPOConfig, {"gamma": 0.05, "margin_type": "inverse_prob"}, False),
-        ("ecpoc_llama3_8b_instruct_full", ECPOCConfig, {"gamma": 0.5, "tau": 2.0, "alpha": 1.0}, False),
-        ("cpo_llama3_8b_instruct_qlora", CPOConfig, {"gamma": 0.05, "margin_type": "inverse_prob"}, True),
+        ("cpo_llama3_8b_instruct_full", CPOConfig, {"cpo_gamma": 0.05, "cpo_margin_type": "inverse_prob"}, False),
+        (
+            "ecpoc_llama3_8b_instruct_full",
+            ECPOCConfig,
+            {"ecpoc_gamma": 0.5, "ecpoc_tau": 2.0, "ecpoc_alpha": 1.0},
+            False,
+        ),
+        ("cpo_llama3_8b_instruct_qlora", CPOConfig, {"cpo_gamma": 0.05, "cpo_margin_type": "inverse_prob"}, True),
     ],
 )
 def test_llama3_configs_hold_the_released_settings(recipe, name, config_cls, method_values, peft):
@@ -156,7 +161,7 @@ def test_llama3_configs_hold_the_released_settings(recipe, name, config_cls, met
         expected["learning_rate"] = 5e-6  # LoRA: the recipe's choice, documented as not released
     for key, value in expected.items():
         assert getattr(args, key) == value, key
-    assert args.lr_scheduler_type == "cosine" and args.loss_type == ["sigmoid_norm"]
+    assert args.lr_scheduler_type == "cosine"
     assert model_args.model_name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct" and model_args.dtype == "bfloat16"
     assert script_args.dataset_name == "HuggingFaceH4/ultrafeedback_binarized"
     assert (script_args.dataset_train_split, script_args.dataset_test_split) == ("train_prefs", "test_prefs")
@@ -169,33 +174,57 @@ def test_method_switch_and_command_line_overrides(recipe, caplog):
     full = ["--config", str(CONFIGS / "cpo_llama3_8b_instruct_full.yaml"), "--use_cpu", "true"]
     with caplog.at_level(logging.WARNING, logger="trl_cpo.recipes"):
         _, dpo, _, _ = recipe.parse_args([*full, "--method", "dpo"])
-    assert type(dpo) is recipe.DPOBaselineConfig and dpo.gamma == 0.0
+    assert type(dpo) is recipe.DPOBaselineConfig and dpo.cpo_gamma == 0.0
     assert (dpo.beta, dpo.loss_type, dpo.learning_rate) == (2.5, ["sigmoid_norm"], 6e-7)  # same settings as CPO
-    assert "method=dpo does not use gamma=0.05" in caplog.text
+    assert "method=dpo does not use cpo_gamma=0.05" in caplog.text
 
-    _, cpo, _, _ = recipe.parse_args([*full, "--gamma", "0.1", "--margin_type", "inverse_logp", "--beta", "1.0"])
-    assert (cpo.gamma, cpo.margin_type, cpo.beta) == (0.1, "inverse_logp", 1.0)
-    _, summed, _, _ = recipe.parse_args([*full, "--length_normalize", "false", "--learning_rate", "1e-6"])
+    argv = [*full, "--cpo_gamma", "0.1", "--cpo_margin_type", "inverse_logp", "--beta", "1.0"]
+    _, cpo, _, _ = recipe.parse_args(argv)
+    assert (cpo.cpo_gamma, cpo.cpo_margin_type, cpo.beta) == (0.1, "inverse_logp", 1.0)
+    _, summed, _, _ = recipe.parse_args([*full, "--loss_type", "sigmoid", "--learning_rate", "1e-6"])
     assert summed.loss_type == ["sigmoid"] and summed.learning_rate == 1e-6
+    _, summed_dpo, _, _ = recipe.parse_args([*full, "--method", "dpo", "--loss_type", "sigmoid"])
+    assert summed_dpo.loss_type == ["sigmoid"] and summed_dpo.beta == 2.5
 
+    # A CPO config switched to E-CPOC: the E-CPOC fields take E-CPOC's defaults, the CPO ones are ignored (warned).
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trl_cpo.recipes"):
-        _, ecpoc, _, _ = recipe.parse_args([*full, "--method", "ecpoc", "--tau", "inf", "--alpha", "0.5"])
-    assert type(ecpoc) is ECPOCConfig and (ecpoc.tau, ecpoc.alpha) == (float("inf"), 0.5)
-    assert "gamma=0.05 is used as the E-CPOC floor" in caplog.text  # a CPO config's gamma, flagged
+        _, ecpoc, _, _ = recipe.parse_args([*full, "--method", "ecpoc", "--ecpoc_tau", "inf", "--ecpoc_alpha", "0.5"])
+    assert type(ecpoc) is ECPOCConfig
+    assert (ecpoc.ecpoc_gamma, ecpoc.ecpoc_tau, ecpoc.ecpoc_alpha) == (0.5, float("inf"), 0.5)
+    assert "method=ecpoc does not use cpo_gamma=0.05, cpo_margin_type='inverse_prob'" in caplog.text
 
-    with pytest.raises(ValueError, match="gamma"):
-        recipe.parse_args([*full, "--gamma", "-1"])
+    with pytest.raises(ValueError, match="cpo_gamma=-1"):
+        recipe.parse_args([*full, "--cpo_gamma", "-1"])
+    with pytest.raises(ValueError, match="ecpoc_tau=0"):
+        recipe.parse_args([*full, "--method", "ecpoc", "--ecpoc_tau", "0"])
     with pytest.raises(SystemExit):
-        recipe.parse_args([*full, "--margin_type", "nope"])
+        recipe.parse_args([*full, "--cpo_margin_type", "nope"])
+    for old in ("--gamma", "--tau", "--length_normalize"):
+        with pytest.raises(ValueError, match=old):
+            recipe.parse_args([*full, old, "1"])
+
+
+def test_method_tables_derive_from_the_package_table(recipe):
+    from trl_cpo.methods import METHODS
+
+    assert recipe.METHODS == ("cpo", "ecpoc", "dpo")
+    for name, method in METHODS.items():
+        assert recipe.TRAINERS[name] is method.trainer_class
+        assert recipe.CONFIG_CLASSES[name] is method.config_class
+        assert recipe.METHOD_FIELDS[name] == tuple(method.fields)
+    assert recipe.TRAINERS["dpo"] is recipe.DPOBaselineTrainer and recipe.METHOD_FIELDS["dpo"] == ()
+    assert recipe.DPOBaselineTrainer.method.config_class is recipe.DPOBaselineConfig
+    assert recipe.DPOBaselineTrainer.method.trainer_class is recipe.DPOBaselineTrainer
+    assert not hasattr(recipe, "GAMMA_MEANING")
 
 
 def test_unknown_config_keys_fail(recipe, tmp_path):
     config = yaml.safe_load((CONFIGS / "tiny_cpu.yaml").read_text())
-    config["gama"] = 0.1
+    config["cpo_gama"] = 0.1
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match="gama"):
+    with pytest.raises(ValueError, match="cpo_gama"):
         recipe.parse_args(["--config", str(path)])
 
 
@@ -300,7 +329,8 @@ def test_recipe_dpo_baseline_on_ultrafeedback_schema_from_disk(recipe, tiny_mode
     logs = trainer.state.log_history
     assert any("eval_u_fraction" in h for h in logs) and any("u_fraction" in h for h in logs)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "## Method: DPO baseline" in card and "gamma = 0" in card
+    assert "## Method: DPO baseline" in card and "cpo_gamma = 0" in card
+    assert "per-token averaged log-probs (loss_type ['sigmoid_norm'])" in card and "length_normalize" not in card
     assert "- Dataset: HuggingFaceH4/ultrafeedback_binarized" in card
     assert "Constrained Preference Optimization" in card and "| `beta` | `2.5` |" in card
 

@@ -23,26 +23,26 @@ def _train_logs(trainer):
 
 
 @pytest.mark.parametrize(
-    "length_normalize, dpo_loss_type, num_pairs, extra",
+    "loss_type, num_pairs, extra",
     [
-        (False, "sigmoid", 16, {}),
-        (True, "sigmoid_norm", 16, {}),
+        ("sigmoid", 16, {}),
+        ("sigmoid_norm", 16, {}),
         # an uneven last accumulation window: every micro-batch must count in the metrics, as in DPOTrainer's
-        (True, "sigmoid_norm", 10, {"gradient_accumulation_steps": 3}),
+        ("sigmoid_norm", 10, {"gradient_accumulation_steps": 3}),
     ],
 )
-def test_gamma_zero_reproduces_dpo_trajectory(tokenizer, tmp_path, length_normalize, dpo_loss_type, num_pairs, extra):
+def test_gamma_zero_reproduces_dpo_trajectory(tokenizer, tmp_path, loss_type, num_pairs, extra):
     train_dataset = Dataset.from_list(make_pairs(num_pairs, seed=0))
-    common = cpu_args(tmp_path, max_steps=4, beta=0.5, **extra)
+    common = cpu_args(tmp_path, max_steps=4, beta=0.5, loss_type=loss_type, **extra)
     dpo = DPOTrainer(
         model=build_tiny_llama(tokenizer),
-        args=DPOConfig(**common, loss_type=dpo_loss_type, precompute_ref_log_probs=True),
+        args=DPOConfig(**common, precompute_ref_log_probs=True),
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
     cpo = CPOTrainer(
         model=build_tiny_llama(tokenizer),
-        args=CPOConfig(**common, gamma=0.0, length_normalize=length_normalize),
+        args=CPOConfig(**common, cpo_gamma=0.0),
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
@@ -61,7 +61,7 @@ def test_positive_gamma_changes_the_trajectory(tokenizer, train_dataset, tmp_pat
     for gamma in (0.0, 0.05):
         trainer = CPOTrainer(
             model=build_tiny_llama(tokenizer),
-            args=CPOConfig(**cpu_args(tmp_path, max_steps=3), gamma=gamma),
+            args=CPOConfig(**cpu_args(tmp_path, max_steps=3), cpo_gamma=gamma),
             train_dataset=train_dataset,
             processing_class=tokenizer,
         )
@@ -98,6 +98,7 @@ def test_logged_metrics_match_by_hand_computation(tokenizer, tmp_path, trainer_c
     accuracy = ((pc - rc) > (pr - rr)).float().mean().item()
     assert log["rewards/accuracies"] == pytest.approx(accuracy)
     if trainer_cls is CPOTrainer:
+        # the default space is per-token ('sigmoid_norm'), where the margin reads the same per-token log-probs
         assert log["cpo_margin"] == pytest.approx(cpo_margin(rc / lc, rr / lr, gamma=0.05).mean().item(), rel=1e-4)
     else:
         delta_ref = rc / lc - rr / lr
@@ -106,30 +107,85 @@ def test_logged_metrics_match_by_hand_computation(tokenizer, tmp_path, trainer_c
 
 
 @pytest.mark.parametrize(
-    "length_normalize, margin_type", [(True, "inverse_prob"), (False, "inverse_prob"), (True, "inverse_logp")]
+    "loss_type, margin_type",
+    [
+        ("sigmoid_norm", "inverse_prob"),
+        ("sigmoid", "inverse_prob"),
+        ("sigmoid_norm", "inverse_logp"),
+        ("sigmoid", "inverse_logp"),
+    ],
 )
-def test_logged_loss_is_the_cpo_loss_by_hand(tokenizer, tmp_path, length_normalize, margin_type):
+def test_logged_loss_is_the_cpo_loss_by_hand(tokenizer, tmp_path, loss_type, margin_type):
     rows = make_pairs(12, seed=4)
     policy, reference = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
     (pc, pr), (lc, lr) = sequence_logps(policy, tokenizer, rows)
     (rc, rr), _ = sequence_logps(reference, tokenizer, rows)
-    if length_normalize:
+    # The margin always reads per-token reference log-probs; delta_pi and delta_ref are in the loss's space.
+    token_rc, token_rr = rc / lc, rr / lr
+    m = cpo_margin(token_rc, token_rr, gamma=0.3, margin_type=margin_type, max_margin=50.0)
+    assert (m.abs() < 50.0).all()  # uncapped: the check below sees the margin itself
+    if loss_type == "sigmoid_norm":
         pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
-    expected = cpo_loss(pc, pr, rc, rr, beta=0.5, gamma=0.3, margin_type=margin_type, max_margin=50.0).mean()
-    args = CPOConfig(
-        **cpu_args(tmp_path, per_device_train_batch_size=12, max_steps=1, beta=0.5),
+    expected = -torch.nn.functional.logsigmoid(0.5 * ((pc - pr) - (rc - rr)) - m).mean()
+    # the pure function says the same when handed the per-token reference log-probs for the margin
+    pure = cpo_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        beta=0.5,
         gamma=0.3,
         margin_type=margin_type,
         max_margin=50.0,
-        length_normalize=length_normalize,
+        ref_chosen_token_logps=token_rc,
+        ref_rejected_token_logps=token_rr,
+    )
+    torch.testing.assert_close(pure.mean(), expected)
+    args = CPOConfig(
+        **cpu_args(tmp_path, per_device_train_batch_size=12, max_steps=1, beta=0.5),
+        loss_type=loss_type,
+        cpo_gamma=0.3,
+        cpo_margin_type=margin_type,
+        cpo_max_margin=50.0,
     )
     trainer = CPOTrainer(
         model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
     log = _train_logs(trainer)[0]
     assert log["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert log["cpo_margin"] == pytest.approx(m.mean().item(), rel=1e-4)
     # and it is not DPO's: the margin matters at these settings
     assert abs(log["loss"] - dpo_loss(pc, pr, rc, rr, beta=0.5).mean().item()) > 1e-2
+
+
+def test_doubling_cpo_gamma_doubles_an_uncapped_margin_in_both_spaces(tokenizer, train_dataset, tmp_path):
+    """The margin is a per-token-perplexity margin: linear in cpo_gamma below the cap, and the same in both spaces.
+
+    On summed log-probs the paper's sequence-level 1/pi_ref would sit at the cap on every pair, so doubling gamma
+    would change nothing; per-token, it doubles the margin.
+    """
+    (rc, rr), (lc, lr) = sequence_logps(build_tiny_llama(tokenizer, seed=0), tokenizer, train_dataset.to_list())
+    margins = {}
+    for loss_type in ("sigmoid", "sigmoid_norm"):
+        for gamma in (0.05, 0.1):
+            trainer = CPOTrainer(
+                model=build_tiny_llama(tokenizer, seed=0),
+                args=CPOConfig(**cpu_args(tmp_path, loss_type=loss_type), cpo_gamma=gamma, cpo_max_margin=1e4),
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
+            )
+            margin = trainer.reference_margin(trainer.train_reference_logps)
+            # the column the loss reads is that margin
+            torch.testing.assert_close(torch.tensor(trainer.train_dataset["reference_margin"]), margin.float())
+            margins[loss_type, gamma] = margin
+    for loss_type in ("sigmoid", "sigmoid_norm"):
+        small, large = margins[loss_type, 0.05], margins[loss_type, 0.1]
+        assert (small > 0).all() and (large < 1e4).all()
+        torch.testing.assert_close(large, 2 * small, rtol=1e-5, atol=0)
+        # by hand, from per-token reference log-probs: gamma * (exp(-logp_w / n_w) + exp(-logp_l / n_l))
+        torch.testing.assert_close(small, 0.05 * (torch.exp(-rc / lc) + torch.exp(-rr / lr)), rtol=1e-4, atol=1e-5)
+    # per-token whatever the loss space: the summed run gets the same margin, not one pinned at the cap
+    torch.testing.assert_close(margins["sigmoid", 0.05], margins["sigmoid_norm", 0.05])
 
 
 def test_eval_metrics_and_eval_set_passed_later(model, tokenizer, train_dataset, eval_dataset, tmp_path):
@@ -309,7 +365,7 @@ def test_sft_mixed_in_through_loss_weights(model, tokenizer, train_dataset, tmp_
 def test_model_card_and_tags_name_the_method(model, tokenizer, train_dataset, tmp_path):
     trainer = ECPOCTrainer(
         model=model,
-        args=ECPOCConfig(**cpu_args(tmp_path, max_steps=1), tau=4.0),
+        args=ECPOCConfig(**cpu_args(tmp_path, max_steps=1), ecpoc_tau=4.0),
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
@@ -318,7 +374,8 @@ def test_model_card_and_tags_name_the_method(model, tokenizer, train_dataset, tm
     card = open(os.path.join(tmp_path, "README.md"), encoding="utf-8").read()
     assert "E-CPOC" in card and "Constrained Preference Optimization" in card and "2605.20834" in card
     assert "not TRL's Contrastive Preference Optimization" in card
-    assert "| `tau` | `4.0` |" in card and "| `gamma` | `0.5` |" in card and "local/pairs" in card
+    assert "| `ecpoc_tau` | `4.0` |" in card and "| `ecpoc_gamma` | `0.5` |" in card and "local/pairs" in card
+    assert "length_normalize" not in card and "| `loss_type` | `['sigmoid_norm']` |" in card
     assert "trl-cpo" in card and "e-cpoc" in card
     tags = set(trainer.model.model_tags)
     assert {"trl-cpo", "e-cpoc"} <= tags and "cpo" not in tags  # never TRL's Contrastive PO tag

@@ -1,4 +1,4 @@
-"""What `CPOConfig` and `ECPOCConfig` share: their base dataclass, validation, and the upgrade of a plain DPOConfig."""
+"""What `CPOConfig` and `ECPOCConfig` share: their base dataclass, validation, and the use of a plain DPOConfig."""
 
 from __future__ import annotations
 
@@ -12,17 +12,19 @@ from .losses import check_beta
 
 logger = logging.getLogger("trl_cpo")
 
-#: The preference term both methods replace; `length_normalize` picks which of TRL's two spellings runs.
+#: The preference terms both methods build on: DPO's sigmoid loss on summed ('sigmoid') or per-token averaged
+#: ('sigmoid_norm') log-probs.
 PREFERENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm")
 #: Loss types that can be mixed in through `loss_weights` (they do not read the reference).
 MIXABLE_LOSS_TYPES = ("sft",)
 
 
-def normalize_and_validate(config) -> None:
-    """Check the DPO fields a reference-margin method depends on; rewrite `loss_type` to the term TRL will run.
+def validate_dpo_fields(config) -> None:
+    """Check the DPO fields a reference-margin method depends on.
 
     Raises `ValueError` naming the field and the fix. Runs in `__post_init__`, so bad input fails before any model is
-    loaded.
+    loaded. Nothing is rewritten: `loss_type` alone picks the log-prob space the method runs in ('sigmoid' sums over
+    completion tokens, 'sigmoid_norm' averages per token).
     """
     method = config._method_name
     check_beta(config.beta)
@@ -32,20 +34,16 @@ def normalize_and_validate(config) -> None:
     if unsupported:
         raise ValueError(
             f"loss_type={loss_type} is not supported by {method}: {unsupported} cannot take the reference margin. "
-            f"Use loss_type='sigmoid' (the {method} term), optionally mixed with 'sft' through loss_weights, e.g. "
-            "loss_type=['sigmoid', 'sft'], loss_weights=[1.0, 0.1]."
+            f"Use loss_type='sigmoid_norm' (per-token averaged log-probs, the released setting) or 'sigmoid' (summed), "
+            "optionally mixed with 'sft' through loss_weights, e.g. loss_type=['sigmoid_norm', 'sft'], "
+            "loss_weights=[1.0, 0.1]."
         )
     preference = [lt for lt in loss_type if lt in PREFERENCE_LOSS_TYPES]
     if len(preference) != 1:
         raise ValueError(
-            f"loss_type={loss_type} must contain exactly one preference term ('sigmoid'), got {len(preference)}. "
-            f"Use loss_type='sigmoid', or ['sigmoid', 'sft'] with loss_weights."
+            f"loss_type={loss_type} must contain exactly one preference term ('sigmoid_norm' or 'sigmoid'), got "
+            f"{len(preference)}. Use loss_type='sigmoid_norm', or ['sigmoid_norm', 'sft'] with loss_weights."
         )
-    # `length_normalize` is the single switch for the log-prob scale: either spelling names the method's term, and TRL
-    # gets 'sigmoid' (sums) or 'sigmoid_norm' (per-token averages) to match it.
-    term = "sigmoid_norm" if config.length_normalize else "sigmoid"
-    config.loss_type = [term if lt in PREFERENCE_LOSS_TYPES else lt for lt in loss_type]
-
     if config.f_divergence_type != "reverse_kl":
         raise ValueError(
             f"f_divergence_type={config.f_divergence_type!r} is not supported by {method}: its margin is defined on "
@@ -54,7 +52,8 @@ def normalize_and_validate(config) -> None:
     if config.ld_alpha is not None:
         raise ValueError(
             f"ld_alpha={config.ld_alpha} (LD-DPO weighting) is not supported by {method}: the margin is computed from "
-            "plain summed or averaged reference log-probs. Set ld_alpha=None and use length_normalize instead."
+            "plain summed or averaged reference log-probs. Set ld_alpha=None and pick the space with loss_type "
+            "('sigmoid_norm' averages per token)."
         )
     if not config.precompute_ref_log_probs:
         raise ValueError(
@@ -68,39 +67,25 @@ def normalize_and_validate(config) -> None:
         )
 
 
-def upgrade_dpo_config(args: DPOConfig, config_cls):
-    """Turn a plain `DPOConfig` into `config_cls`, keeping every field the user set.
+def from_dpo_config(args: DPOConfig, config_cls):
+    """Turn a plain `DPOConfig` into `config_cls`, keeping every field exactly as the user's config has it.
 
-    A field still at `DPOConfig`'s default takes `config_cls`'s default instead (for example `beta` 0.1 -> 2.5,
-    `precompute_ref_log_probs` False -> True); a field that differs from `DPOConfig`'s default is kept. A field set
-    explicitly to `DPOConfig`'s default value cannot be told apart from an unset one and is upgraded too. When `beta`
-    is kept, so is the DPO loss's log-prob scale (`length_normalize` follows `loss_type`: 'sigmoid_norm' averages,
-    'sigmoid' sums), since that beta was chosen for it; otherwise the method's default (averaged) applies.
+    The method's own fields (e.g. `cpo_gamma`) take their defaults. The only DPO field that changes is
+    `precompute_ref_log_probs`, which the methods require (the margin is computed once from the frozen reference); it
+    is switched on with one log line. In particular `beta` and `loss_type` are kept, so a DPO script keeps its
+    log-prob space and temperature (`CPOConfig` / `ECPOCConfig` carry the paper's settings for those who want them).
     """
-    dpo_fields = {f.name: f for f in dataclasses.fields(DPOConfig) if f.init}
-    new_fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
-    kwargs, upgraded = {}, []
-    for name, dpo_field in dpo_fields.items():
-        value = getattr(args, name)
-        if name in new_fields and field_default(new_fields[name]) != field_default(dpo_field):
-            if value == field_default(dpo_field):
-                upgraded.append(f"{name}: {value!r} -> {field_default(new_fields[name])!r}")
-                continue
-        kwargs[name] = value
-    if "beta" in kwargs:
-        # A beta the user chose is tuned to the log-prob scale of their DPO loss: keep that scale too.
-        kwargs["length_normalize"] = "sigmoid_norm" in args.loss_type
-    config = config_cls(**kwargs)
-    logger.warning(
-        "Got a plain DPOConfig: upgraded it to %s. Fields left at DPO defaults take %s defaults (%s); every other "
-        "field is kept as set. %s fields: %s.",
-        config_cls.__name__,
-        config._method_name,
-        "; ".join(upgraded) or "none",
-        config._method_name,
-        ", ".join(f"{name}={getattr(config, name)!r}" for name in new_fields if name not in dpo_fields),
-    )
-    return config
+    dpo_fields = [f.name for f in dataclasses.fields(DPOConfig) if f.init]
+    kwargs = {name: getattr(args, name) for name in dpo_fields}
+    if not kwargs["precompute_ref_log_probs"]:
+        kwargs["precompute_ref_log_probs"] = True
+        logger.warning(
+            "Got a plain DPOConfig: using it as a %s with every field kept, except precompute_ref_log_probs, switched "
+            "on (%s computes its margins once from the frozen reference before training).",
+            config_cls.__name__,
+            config_cls._method_name,
+        )
+    return config_cls(**kwargs)
 
 
 def field_default(f: dataclasses.Field):
@@ -114,7 +99,7 @@ def field_default(f: dataclasses.Field):
 
 @dataclass
 class _ReferenceMarginConfig(DPOConfig):
-    """DPOConfig fields whose defaults CPO and E-CPOC change, plus the log-prob scale switch. Not used directly."""
+    """DPOConfig fields whose defaults CPO and E-CPOC change. Not used directly."""
 
     _method_name = "CPO / E-CPOC"
 
@@ -122,7 +107,7 @@ class _ReferenceMarginConfig(DPOConfig):
         default=2.5,
         metadata={
             "help": "Inverse temperature of the preference loss. Default 2.5, the released CPO setting on "
-            "length-normalized log-probs (DPOConfig's default 0.1 is a summed-log-prob scale)."
+            "per-token averaged log-probs (loss_type 'sigmoid_norm'); DPOConfig's 0.1 is a summed-log-prob scale."
         },
     )
     precompute_ref_log_probs: bool = field(
@@ -133,24 +118,17 @@ class _ReferenceMarginConfig(DPOConfig):
         },
     )
     loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid"],
+        default_factory=lambda: ["sigmoid_norm"],
         metadata={
-            "help": "'sigmoid' (or 'sigmoid_norm') names the method's preference term; 'sft' can be mixed in with "
-            "loss_weights. `length_normalize` alone decides whether TRL runs the term on summed ('sigmoid') or "
-            "per-token averaged ('sigmoid_norm') log-probs, and `loss_type` is rewritten to that name."
-        },
-    )
-    length_normalize: bool = field(
-        default=True,
-        metadata={
-            "help": "Average log-probs per completion token, as the released code does (beta=2.5 assumes this "
-            "scale), instead of summing them."
+            "help": "The log-prob space of the method's preference term: 'sigmoid_norm' averages log-probs per "
+            "completion token (the released setting, assumed by beta=2.5), 'sigmoid' sums them. 'sft' can be mixed "
+            "in with loss_weights, e.g. ['sigmoid_norm', 'sft']."
         },
     )
 
     def __post_init__(self):
         self._check_method_hyperparameters()
-        normalize_and_validate(self)
+        validate_dpo_fields(self)
         super().__post_init__()
 
     def _check_method_hyperparameters(self) -> None:

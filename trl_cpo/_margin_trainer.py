@@ -24,18 +24,22 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from ._config_utils import logger, upgrade_dpo_config
+from ._config_utils import from_dpo_config, logger
+from .logps import completion_lengths, is_length_normalized, to_loss_space
+from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import insert_card_section, method_card_section
 from .reference import (
     ReferenceLogps,
     checkpoint_reference_path,
-    completion_lengths,
     compute_reference_logps,
     load_reference_checkpoint,
+    read_reference_metadata,
     save_reference_checkpoint,
     with_columns,
 )
+from .report import ReferenceReport, reference_report
+from .report_callback import _ReferenceReportLogger, announce_report
 
 #: Dataset column (and batch key) holding the per-pair margin, in logit units.
 MARGIN_COLUMN = "reference_margin"
@@ -98,9 +102,8 @@ class _PolicyLogpsRecorder:
 class _ReferenceMarginTrainer(DPOTrainer):
     """DPOTrainer whose loss target is raised by a per-pair margin computed once from the frozen reference."""
 
-    config_class: type[DPOConfig]
-    #: Name of the logged per-batch mean of the method's precomputed quantity.
-    margin_metric_name: str
+    #: The method's entry in `trl_cpo.methods.METHODS` (config class, target, logged metric).
+    method: Method
 
     def __init__(
         self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None, **kwargs
@@ -116,6 +119,8 @@ class _ReferenceMarginTrainer(DPOTrainer):
         #: the keys of an eval dict), filled by the precompute.
         self.train_reference_logps: ReferenceLogps | None = None
         self.eval_reference_logps: dict[str, ReferenceLogps] = {}
+        #: What the reference says about the train set (`trl_cpo.report`), computed at the precompute.
+        self.reference_report: ReferenceReport | None = None
         super().__init__(
             model,
             ref_model=ref_model,
@@ -127,36 +132,33 @@ class _ReferenceMarginTrainer(DPOTrainer):
         )
         self.data_collator = ReferenceMarginCollator(self.data_collator)
         self._policy_logps = _PolicyLogpsRecorder(self.model)
+        self.add_callback(_ReferenceReportLogger(self))
 
     @classmethod
     def _resolve_args(cls, args, model):
-        config_cls = cls.config_class
+        config_cls = cls.method.config_class
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             return config_cls(f"{str(name).split('/')[-1]}-{config_cls._method_name}")
         if isinstance(args, config_cls):
             return args
         if type(args) is DPOConfig:
-            return upgrade_dpo_config(args, config_cls)
+            return from_dpo_config(args, config_cls)
         raise TypeError(
-            f"{cls.__name__} takes a {config_cls.__name__} (or a plain trl.DPOConfig, which is upgraded); got "
+            f"{cls.__name__} takes a {config_cls.__name__} (or a plain trl.DPOConfig, kept as is); got "
             f"{type(args).__name__}."
         )
 
     @property
     def length_normalized(self) -> bool:
-        """Whether the loss runs on per-token averaged log-probs (TRL's 'sigmoid_norm'), read from the loss TRL runs."""
-        return "sigmoid_norm" in self.loss_types
+        """Whether the loss runs on per-token averaged log-probs (`loss_type` 'sigmoid_norm') rather than sums."""
+        return is_length_normalized(self.args.loss_type)
 
-    # -- the method-specific part -------------------------------------------------------------------------------------
-
-    def reference_margin(self, ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor) -> torch.Tensor:
-        """Per-pair margin in logit units from reference log-probs in the loss's space. Subclasses define it."""
-        raise NotImplementedError
-
-    def margin_metric(self, margin: torch.Tensor, delta_ref: torch.Tensor) -> torch.Tensor:
-        """Per-pair quantity logged as `margin_metric_name`."""
-        raise NotImplementedError
+    def reference_margin(self, reference: ReferenceLogps) -> torch.Tensor:
+        """Per-pair logit margin `beta * (target - delta_ref)` that raises DPO's target to the method's, in the loss's
+        space: handing DPO's loss `delta_ref + margin / beta` as the reference log-odds gives the method's loss."""
+        target = self.method.target_from_config(reference, self.args)
+        return self.args.beta * (target - reference.delta_ref(self.length_normalized))
 
     # -- precompute ---------------------------------------------------------------------------------------------------
 
@@ -178,15 +180,26 @@ class _ReferenceMarginTrainer(DPOTrainer):
         )
         if is_train:
             self.train_reference_logps = reference
+            self._choose_method_settings(reference)
+            self.reference_report = self._report(reference)
+            announce_report(self, self.reference_report)
         else:
             self.eval_reference_logps[name] = reference
         return self._with_reference(dataset, reference)
 
     def _with_reference(self, dataset, reference: ReferenceLogps):
-        margin = self.reference_margin(*reference.in_loss_space(self.length_normalized))
+        margin = self.reference_margin(reference)
         return with_columns(
             dataset,
             {"ref_chosen_logps": reference.chosen, "ref_rejected_logps": reference.rejected, MARGIN_COLUMN: margin},
+        )
+
+    def _choose_method_settings(self, reference: ReferenceLogps) -> None:
+        """Settings chosen from the train set's reference before any margin is computed (CPO's `cpo_auto_gamma`)."""
+
+    def _report(self, reference: ReferenceLogps) -> ReferenceReport:
+        return reference_report(
+            reference.chosen, reference.rejected, reference.chosen_lengths, reference.rejected_lengths, self.args
         )
 
     def _set_signature_columns_if_needed(self):
@@ -208,7 +221,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
         chosen_lengths, rejected_lengths = (n.clamp(min=1) for n in completion_lengths(inputs["completion_mask"]))
         # Raise the reference log-odds by margin/beta in the loss's space: summed log-probs take it as is; TRL's
         # 'sigmoid_norm' divides by the completion length (clamped to 1, as here), so the shift is pre-multiplied.
-        shift = margin / self.beta
+        shift = margin / self.args.beta
         if self.length_normalized:
             shift = shift * chosen_lengths.to(shift.device)
         shifted = {k: v for k, v in inputs.items() if k != MARGIN_COLUMN}
@@ -235,19 +248,21 @@ class _ReferenceMarginTrainer(DPOTrainer):
         # dataloader already reports its end); in evaluation it correctly drops the samples that even_batches repeated.
         gather = self.accelerator.gather if mode == "train" else self.accelerator.gather_for_metrics
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, margin = gather(per_pair)
-        if self.length_normalized:
-            space = (policy_chosen / chosen_len, policy_rejected / rejected_len)
-            space += (ref_chosen / chosen_len, ref_rejected / rejected_len)
-        else:
-            space = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+        lengths = (chosen_len, rejected_len, self.length_normalized)
+        space = (
+            *to_loss_space(policy_chosen, policy_rejected, *lengths),
+            *to_loss_space(ref_chosen, ref_rejected, *lengths),
+        )
         metrics = self._metrics[mode]
         metrics["u_fraction"].append(u_fraction(*space, atol=U_FRACTION_ATOL).item())
         metrics["ref_misaligned_fraction"].append(ref_misaligned_fraction(*space[2:]).item())
-        metrics[self.margin_metric_name].append(self.margin_metric(margin, space[2] - space[3]).mean().item())
+        delta_ref = space[2] - space[3]
+        target = delta_ref + margin / self.args.beta
+        metrics[self.method.metric_name].append(self.method.metric(target, delta_ref, self.args.beta).mean().item())
         # DPOTrainer logged its rewards from the shifted batch; overwrite them with DPO's meaning,
         # beta * (logp - ref_logp) on summed log-probs, so they stay comparable with a DPO run.
-        chosen_rewards = self.beta * (policy_chosen - ref_chosen)
-        rejected_rewards = self.beta * (policy_rejected - ref_rejected)
+        chosen_rewards = self.args.beta * (policy_chosen - ref_chosen)
+        rejected_rewards = self.args.beta * (policy_rejected - ref_rejected)
         metrics["rewards/chosen"][-1] = chosen_rewards.mean().item()
         metrics["rewards/rejected"][-1] = rejected_rewards.mean().item()
         metrics["rewards/accuracies"][-1] = (chosen_rewards > rejected_rewards).float().mean().item()
@@ -264,7 +279,11 @@ class _ReferenceMarginTrainer(DPOTrainer):
             )
             os.makedirs(folder, exist_ok=True)
             evals = {f"eval/{name}": reference for name, reference in self.eval_reference_logps.items()}
-            save_reference_checkpoint(folder, {"train": self.train_reference_logps, **evals})
+            save_reference_checkpoint(
+                folder,
+                {"train": self.train_reference_logps, **evals},
+                metadata={"method": self.method.name, "settings": self.method.settings(self.args)},
+            )
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -278,6 +297,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
     def _restore_reference(self, checkpoint: str) -> None:
         """Train (and evaluate) against the reference log-probs the checkpoint was trained with."""
         saved = load_reference_checkpoint(checkpoint)
+        self._restore_chosen_settings(read_reference_metadata(checkpoint).get("settings", {}), checkpoint)
         train = saved.pop("train")
         current = self.train_reference_logps
         if current is None or not train.same_pairs(current):
@@ -294,6 +314,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
                 drift.item(),
             )
         self.train_reference_logps = train
+        self.reference_report = self._report(train)
         self.train_dataset = self._with_reference(self.train_dataset, train)
         for key, reference in saved.items():
             name = key.removeprefix("eval/")
@@ -302,7 +323,14 @@ class _ReferenceMarginTrainer(DPOTrainer):
                 logger.warning("Eval set %r of the checkpoint is not among this trainer's; left as computed.", name)
                 continue
             self.eval_reference_logps[name] = reference
-            self._set_eval_dataset_named(name, self._with_reference(dataset, reference))
+        # Every eval set gets margins from the restored reference and settings (a cpo_gamma chosen by cpo_auto_gamma).
+        for name, reference in self.eval_reference_logps.items():
+            dataset = self._eval_dataset_named(name)
+            if dataset is not None:
+                self._set_eval_dataset_named(name, self._with_reference(dataset, reference))
+
+    def _restore_chosen_settings(self, saved_settings: dict, checkpoint: str) -> None:
+        """Take back settings the run chose from its data (CPO's `cpo_auto_gamma`); see `CPOTrainer`."""
 
     def _eval_dataset_named(self, name: str):
         if isinstance(self.eval_dataset, dict):
@@ -324,5 +352,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
         base_model = get_config_model_id(self.model.config)
         if base_model and os.path.isdir(base_model):
             base_model += " (a local directory: replace it with the Hub id it came from)"
-        section = method_card_section(self.args, base_model=base_model, dataset_name=dataset_name)
+        section = method_card_section(
+            self.method, self.args, base_model=base_model, dataset_name=dataset_name, report=self.reference_report
+        )
         insert_card_section(os.path.join(self.args.output_dir, "README.md"), section)

@@ -7,7 +7,8 @@ pair of a dataset with the reference and reports:
 
 - the misalignment rate, the share of pairs with ``delta_ref < 0``;
 - the distribution of ``delta_ref`` (quantiles, and a histogram);
-- the CPO margins and E-CPOC targets that given hyperparameters would produce on these pairs.
+- the CPO margins (on per-token reference probabilities, as the trainers compute them) and E-CPOC targets that given
+  hyperparameters would produce on these pairs.
 
 Tokenization, collation and the reference forward are TRL's own (a `trl.DPOTrainer` built around the loaded model,
 read with `trl_cpo.reference.compute_reference_logps`), so the numbers are those a DPO / CPO run would see.
@@ -59,20 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trl-cpo audit",
         description="Score every preference pair of a dataset with a reference model and report how often the "
         "reference prefers the rejected response (delta_ref < 0), the delta_ref distribution, and the CPO margins and "
-        "E-CPOC targets that the given hyperparameters would produce. Writes a terminal table, "
+        "E-CPOC targets that the given hyperparameters would produce. Flags share the names of the TRL / CPOConfig / "
+        "ECPOCConfig fields they mirror. Writes a terminal table, "
         f"{REPORT_FILE}, {HISTOGRAM_FILE} and {PAIRS_FILE} (one line per pair) into --output_dir.",
     )
     data = parser.add_argument_group("inputs")
-    data.add_argument("--model", required=True, help="Local folder of the reference model and its tokenizer.")
     data.add_argument(
-        "--dataset",
+        "--model_name_or_path", required=True, help="Local folder of the reference model and its tokenizer."
+    )
+    data.add_argument(
+        "--dataset_name",
         required=True,
         help="Preference data: a .json/.jsonl/.parquet file (optionally compressed, e.g. .jsonl.gz) or a folder "
         "written by Dataset.save_to_disk / DatasetDict.save_to_disk. Columns 'chosen' and 'rejected', and optionally "
         "'prompt' (otherwise the shared beginning of chosen and rejected is the prompt, as in TRL); plain text or "
         "conversational (lists of {'role', 'content'} messages).",
     )
-    data.add_argument("--split", default="train", help="Split of a saved DatasetDict (default: train).")
+    data.add_argument(
+        "--dataset_train_split",
+        default="train",
+        help="Split of a saved DatasetDict to audit, the one training would use (default: train).",
+    )
     data.add_argument("--max_samples", type=_positive_int, help="Audit only the first N pairs.")
     data.add_argument(
         "--pad_token",
@@ -81,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     run = parser.add_argument_group("scoring")
-    run.add_argument("--batch_size", type=_positive_int, default=8, help="Pairs per forward pass (default: 8).")
+    run.add_argument(
+        "--precompute_ref_batch_size",
+        type=_positive_int,
+        default=8,
+        help="Pairs per reference forward pass, as DPOConfig.precompute_ref_batch_size (default: 8).",
+    )
     run.add_argument(
         "--max_length",
         type=int,
@@ -97,26 +110,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="Weights dtype (default: auto = bfloat16 on a GPU that supports it, float32 otherwise).",
     )
     run.add_argument(
-        "--length_normalize",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Report in per-token (averaged) log-probs, the CPO default and the scale of the released code; "
-        "--no-length_normalize for summed log-probs (DPO's 'sigmoid'). Default: length-normalized.",
+        "--loss_type",
+        default="sigmoid_norm",
+        choices=["sigmoid_norm", "sigmoid"],
+        help="Log-prob space of the report, as the training loss_type picks it: 'sigmoid_norm' averages per "
+        "completion token (the CPOConfig default and the scale of the released code), 'sigmoid' sums (DPOConfig's "
+        "default). The CPO margin is computed on per-token reference probabilities either way, as the trainers do. "
+        "Default: sigmoid_norm.",
     )
 
     method = parser.add_argument_group("CPO / E-CPOC hyperparameters to preview")
-    method.add_argument("--gamma", type=float, default=0.05, help="CPO gamma (default: 0.05, the released setting).")
     method.add_argument(
-        "--margin_type", default="inverse_prob", choices=list(MARGIN_TYPES), help="CPO margin numerics."
+        "--cpo_gamma", type=float, default=0.05, help="CPO constraint strength (default: 0.05, the released setting)."
     )
     method.add_argument(
-        "--max_margin", type=float, default=DEFAULT_MAX_MARGIN, help=f"CPO margin cap (default: {DEFAULT_MAX_MARGIN})."
+        "--cpo_margin_type", default="inverse_prob", choices=list(MARGIN_TYPES), help="CPO margin numerics."
     )
     method.add_argument(
-        "--ecpoc_gamma", type=float, default=0.5, help="E-CPOC gamma, the target floor (default: 0.5)."
+        "--cpo_max_margin",
+        type=float,
+        default=DEFAULT_MAX_MARGIN,
+        help=f"CPO margin cap (default: {DEFAULT_MAX_MARGIN}).",
     )
-    method.add_argument("--tau", type=float, default=2.0, help="E-CPOC tau (default: 2.0; 'inf' for a hard max).")
-    method.add_argument("--alpha", type=float, default=1.0, help="E-CPOC alpha (default: 1.0).")
+    method.add_argument("--ecpoc_gamma", type=float, default=0.5, help="E-CPOC target floor (default: 0.5).")
+    method.add_argument(
+        "--ecpoc_tau", type=float, default=2.0, help="E-CPOC sharpness (default: 2.0; 'inf' for a hard max)."
+    )
+    method.add_argument("--ecpoc_alpha", type=float, default=1.0, help="E-CPOC scale (default: 1.0).")
 
     parser.add_argument(
         "--output_dir", default="trl-cpo-audit", help="Where to write the report files (default: ./trl-cpo-audit)."
@@ -152,35 +172,37 @@ def load_preference_dataset(path: str, split: str = "train"):
 
     if not os.path.exists(path):
         raise AuditError(
-            f"--dataset {path}: no such file or folder. Pass a .json, .jsonl or .parquet file, or a folder written by "
-            "Dataset.save_to_disk."
+            f"--dataset_name {path}: no such file or folder. Pass a .json, .jsonl or .parquet file, or a folder "
+            "written by Dataset.save_to_disk."
         )
     if os.path.isdir(path):
         markers = ("dataset_info.json", "state.json", "dataset_dict.json")
         if not any(os.path.isfile(os.path.join(path, marker)) for marker in markers):
             raise AuditError(
-                f"--dataset {path}: this folder was not written by Dataset.save_to_disk (it has none of "
+                f"--dataset_name {path}: this folder was not written by Dataset.save_to_disk (it has none of "
                 f"{', '.join(markers)}). Pass the data file itself (.json, .jsonl, .parquet) or a save_to_disk folder."
             )
         try:
             dataset = load_from_disk(path)
         except (OSError, ValueError) as error:
-            raise AuditError(f"--dataset {path}: could not load this save_to_disk folder: {error}") from None
+            raise AuditError(f"--dataset_name {path}: could not load this save_to_disk folder: {error}") from None
         if isinstance(dataset, DatasetDict):
             if split not in dataset:
                 raise AuditError(
-                    f"--dataset {path} has no split {split!r}; its splits are {sorted(dataset)}. Choose one with "
-                    "--split."
+                    f"--dataset_name {path} has no split {split!r}; its splits are {sorted(dataset)}. Choose one with "
+                    "--dataset_train_split."
                 )
             dataset = dataset[split]
         if not isinstance(dataset, Dataset):
-            raise AuditError(f"--dataset {path}: expected a Dataset or DatasetDict, got {type(dataset).__name__}.")
+            raise AuditError(
+                f"--dataset_name {path}: expected a Dataset or DatasetDict, got {type(dataset).__name__}."
+            )
         return dataset
     builder = _file_format(path)
     if builder is None:
         raise AuditError(
-            f"--dataset {path}: unsupported file type. Use .json, .jsonl or .parquet (optionally compressed, e.g. "
-            ".jsonl.gz), or a folder written by Dataset.save_to_disk."
+            f"--dataset_name {path}: unsupported file type. Use .json, .jsonl or .parquet (optionally compressed, "
+            "e.g. .jsonl.gz), or a folder written by Dataset.save_to_disk."
         )
     try:
         return load_dataset(builder, data_files=os.path.abspath(path), split="train")
@@ -188,9 +210,9 @@ def load_preference_dataset(path: str, split: str = "train"):
         cause = error.__cause__ or error
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise AuditError(
-            f"--dataset {path}: could not be read as {builder} ({type(cause).__name__}: {detail}). Check that the file "
-            f"is valid {builder}{' with one JSON object per line' if path.endswith('l') else ''} and that every row "
-            "has the same columns and types."
+            f"--dataset_name {path}: could not be read as {builder} ({type(cause).__name__}: {detail}). Check that "
+            f"the file is valid {builder}{' with one JSON object per line' if path.endswith('l') else ''} and that "
+            "every row has the same columns and types."
         ) from None
 
 
@@ -215,11 +237,11 @@ def prepare_pairs(dataset, path: str):
     from trl.data_utils import extract_prompt
 
     if len(dataset) == 0:
-        raise AuditError(f"--dataset {path} has no rows.")
+        raise AuditError(f"--dataset_name {path} has no rows.")
     missing = [column for column in ("chosen", "rejected") if column not in dataset.column_names]
     if missing:
         raise AuditError(
-            f"--dataset {path} has no column {' or '.join(repr(c) for c in missing)} (its columns: "
+            f"--dataset_name {path} has no column {' or '.join(repr(c) for c in missing)} (its columns: "
             f"{dataset.column_names}). A preference dataset needs 'chosen' and 'rejected' (and optionally 'prompt'); "
             "rename the columns that hold the preferred and dispreferred responses, e.g. "
             "dataset.rename_column('response_a', 'chosen')."
@@ -231,8 +253,8 @@ def prepare_pairs(dataset, path: str):
         if bad:
             shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
             raise AuditError(
-                f"--dataset {path}: column {column!r} holds {type(dataset[column][bad[0]]).__name__} values at row(s) "
-                f"{shown}; it must hold text (standard format) or a list of {{'role', 'content'}} messages "
+                f"--dataset_name {path}: column {column!r} holds {type(dataset[column][bad[0]]).__name__} values at "
+                f"row(s) {shown}; it must hold text (standard format) or a list of {{'role', 'content'}} messages "
                 "(conversational format). Fix or drop those rows."
             )
     if "prompt" not in dataset.column_names:
@@ -243,9 +265,9 @@ def prepare_pairs(dataset, path: str):
         if empty:
             shown = ", ".join(str(i) for i in empty[:10]) + (", ..." if len(empty) > 10 else "")
             raise AuditError(
-                f"--dataset {path}: column {column!r} has {len(empty)} empty completion(s) (after splitting off the "
-                f"prompt), at row(s) {shown}. An empty completion has no log-probability to compare; drop these rows, "
-                f"e.g. dataset.filter(lambda row: row[{column!r}]), and run the audit again."
+                f"--dataset_name {path}: column {column!r} has {len(empty)} empty completion(s) (after splitting off "
+                f"the prompt), at row(s) {shown}. An empty completion has no log-probability to compare; drop these "
+                f"rows, e.g. dataset.filter(lambda row: row[{column!r}]), and run the audit again."
             )
     return dataset
 
@@ -256,7 +278,7 @@ def load_tokenizer(model_path: str, pad_token: str | None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as error:
-        raise AuditError(f"--model {model_path}: could not load its tokenizer: {error}") from None
+        raise AuditError(f"--model_name_or_path {model_path}: could not load its tokenizer: {error}") from None
     if pad_token is not None:
         if pad_token not in tokenizer.get_vocab():
             raise AuditError(
@@ -277,12 +299,12 @@ def load_tokenizer(model_path: str, pad_token: str | None):
 def check_model_dir(model_path: str) -> None:
     if not os.path.isdir(model_path):
         raise AuditError(
-            f"--model {model_path}: no such folder. Pass a local folder saved with model.save_pretrained(...) and "
-            "tokenizer.save_pretrained(...)."
+            f"--model_name_or_path {model_path}: no such folder. Pass a local folder saved with "
+            "model.save_pretrained(...) and tokenizer.save_pretrained(...)."
         )
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise AuditError(
-            f"--model {model_path}: not a model folder (no config.json). Pass a folder saved with "
+            f"--model_name_or_path {model_path}: not a model folder (no config.json). Pass a folder saved with "
             "model.save_pretrained(...) and tokenizer.save_pretrained(...)."
         )
 
@@ -313,7 +335,7 @@ def load_model(model_path: str, *, dtype: str, load_in_4bit: bool):
             f"--load_in_4bit needs bitsandbytes: pip install 'trl-cpo[quantization]' ({error})."
         ) from None
     except (OSError, ValueError) as error:
-        raise AuditError(f"--model {model_path}: could not load the model: {error}") from None
+        raise AuditError(f"--model_name_or_path {model_path}: could not load the model: {error}") from None
 
 
 def resolve_dtype(name: str):
@@ -427,57 +449,68 @@ def recommendation(rate: float, space: str, *, tie_fraction: float = 0.0, trunca
         )
     elif rate < 0.2:
         advice = (
-            " Consider CPOTrainer (gamma 0.05) or ECPOCTrainer, or at least watch eval_u_fraction with "
+            " Consider CPOTrainer (cpo_gamma 0.05) or ECPOCTrainer, or at least watch eval_u_fraction with "
             "trl_cpo.callbacks.UFractionCallback."
         )
     else:
         advice = (
             " This is a large share (the paper measured 45.5% on Llama-3-8B-Instruct / UltraFeedback): CPOTrainer "
-            "(gamma 0.05) or ECPOCTrainer is advised, and eval_u_fraction (UFractionCallback) is worth watching."
+            "(cpo_gamma 0.05) or ECPOCTrainer is advised, and eval_u_fraction (UFractionCallback) is worth watching."
         )
     return consequence + advice + caveats
 
 
+def _loss_kwargs(method, args) -> dict[str, Any]:
+    """The method's hyperparameters from the parsed flags (named as its config fields), as its loss functions name
+    them (`Method.fields`: e.g. cpo_gamma -> gamma)."""
+    return {method.fields[field]: value for field, value in method.settings(args).items()}
+
+
 def build_report(args, reference, rows: list[int], num_input: int, truncated: int) -> tuple[dict, dict]:
-    """The JSON report and the per-pair arrays (in the chosen log-prob space)."""
+    """The JSON report and the per-pair arrays (in the log-prob space `args.loss_type` picks).
+
+    The CPO margin is computed on per-token reference log-probs whatever that space, as the trainers compute it.
+    """
+    from .logps import is_length_normalized
     from .losses import cpo_margin, ecpoc_target
+    from .methods import METHODS
     from .metrics import ref_misaligned_fraction
 
-    chosen, rejected = reference.in_loss_space(args.length_normalize)
+    length_normalized = is_length_normalized(args.loss_type)
+    chosen, rejected = reference.in_loss_space(length_normalized)
     delta_ref = chosen - rejected
-    margin = cpo_margin(chosen, rejected, gamma=args.gamma, margin_type=args.margin_type, max_margin=args.max_margin)
-    target = ecpoc_target(chosen, rejected, gamma=args.ecpoc_gamma, tau=args.tau, alpha=args.alpha)
-    space = "length-normalized" if args.length_normalize else "summed"
+    margin = cpo_margin(*reference.per_token(), **_loss_kwargs(METHODS["cpo"], args))
+    target = ecpoc_target(chosen, rejected, **_loss_kwargs(METHODS["ecpoc"], args))
+    space = "length-normalized" if length_normalized else "summed"
     rate = ref_misaligned_fraction(chosen, rejected).item()
     tie_fraction = (delta_ref == 0).float().mean().item()
-    other = reference.in_loss_space(not args.length_normalize)
+    other = reference.in_loss_space(not length_normalized)
     report = {
-        "model": os.path.abspath(args.model),
-        "dataset": os.path.abspath(args.dataset),
-        "split": args.split if os.path.isdir(args.dataset) else None,
+        "model": os.path.abspath(args.model_name_or_path),
+        "dataset": os.path.abspath(args.dataset_name),
+        "split": args.dataset_train_split if os.path.isdir(args.dataset_name) else None,
         "num_pairs_input": num_input,
         "num_pairs_scored": len(rows),
         "num_pairs_dropped": num_input - len(rows),
         "num_pairs_truncated": truncated,
         "max_length": args.max_length or None,
+        "loss_type": args.loss_type,
         "log_prob_space": space,
         "misalignment_rate": rate,
         "misalignment_rate_by_space": {
             space: rate,
-            ("summed" if args.length_normalize else "length-normalized"): ref_misaligned_fraction(*other).item(),
+            ("summed" if length_normalized else "length-normalized"): ref_misaligned_fraction(*other).item(),
         },
         "delta_ref": summarize(delta_ref),
         "cpo": {
-            "gamma": args.gamma,
-            "margin_type": args.margin_type,
-            "max_margin": args.max_margin,
+            **METHODS["cpo"].settings(args),
+            "margin_space": "per-token",
             "margin": summarize(margin),
-            "capped_fraction": (margin.abs() >= args.max_margin * (1 - 1e-6)).float().mean().item(),
+            "capped_fraction": (margin.abs() >= args.cpo_max_margin * (1 - 1e-6)).float().mean().item(),
         },
         "ecpoc": {
-            "gamma": args.ecpoc_gamma,
-            "tau": args.tau if math.isfinite(args.tau) else str(args.tau),
-            "alpha": args.alpha,
+            **METHODS["ecpoc"].settings(args),
+            "ecpoc_tau": args.ecpoc_tau if math.isfinite(args.ecpoc_tau) else str(args.ecpoc_tau),
             "target": summarize(target),
             "floor_binding_fraction": (delta_ref < args.ecpoc_gamma).float().mean().item(),
         },
@@ -515,8 +548,10 @@ def format_table(report: dict) -> str:
         f"dataset  {report['dataset']}" + (f" (split {report['split']})" if report["split"] else ""),
         f"pairs    {pairs}",
         f"space    {report['log_prob_space']} log-probs",
-        f"CPO      gamma={cpo['gamma']:g}, margin_type={cpo['margin_type']}, max_margin={cpo['max_margin']:g}",
-        f"E-CPOC   gamma={ecpoc['gamma']:g}, tau={float(ecpoc['tau']):g}, alpha={ecpoc['alpha']:g}",
+        f"CPO      cpo_gamma={cpo['cpo_gamma']:g}, cpo_margin_type={cpo['cpo_margin_type']}, "
+        f"cpo_max_margin={cpo['cpo_max_margin']:g} (margin on per-token reference probabilities)",
+        f"E-CPOC   ecpoc_gamma={ecpoc['ecpoc_gamma']:g}, ecpoc_tau={float(ecpoc['ecpoc_tau']):g}, "
+        f"ecpoc_alpha={ecpoc['ecpoc_alpha']:g}",
         "",
         " " * 15 + "".join(f"{h:>9}" for h in headers),
     ]
@@ -525,9 +560,9 @@ def format_table(report: dict) -> str:
     by_space = ", ".join(f"{s}: {100 * r:.1f}%" for s, r in report["misalignment_rate_by_space"].items())
     lines += [
         "",
-        f"misalignment rate (delta_ref < 0)         {100 * report['misalignment_rate']:5.1f}%   ({by_space})",
-        f"E-CPOC floor active (delta_ref < gamma)   {100 * ecpoc['floor_binding_fraction']:5.1f}% of pairs",
-        f"CPO margin at its cap (max_margin)        {100 * cpo['capped_fraction']:5.1f}% of pairs",
+        f"misalignment rate (delta_ref < 0)              {100 * report['misalignment_rate']:5.1f}%   ({by_space})",
+        f"E-CPOC floor active (delta_ref < ecpoc_gamma)  {100 * ecpoc['floor_binding_fraction']:5.1f}% of pairs",
+        f"CPO margin at its cap (cpo_max_margin)         {100 * cpo['capped_fraction']:5.1f}% of pairs",
         "",
         f"recommendation: {report['recommendation']}",
     ]
@@ -565,8 +600,8 @@ def plot_histogram(path: str, report: dict, pairs: dict) -> bool:
     left.legend()
     cpo = report["cpo"]
     right.hist(margin, bins=bins, color="#55a868")
-    right.set_title(f"CPO margin (gamma={cpo['gamma']:g}, {cpo['margin_type']})")
-    right.set_xlabel("m (logit units)")
+    right.set_title(f"CPO margin (cpo_gamma={cpo['cpo_gamma']:g}, {cpo['cpo_margin_type']})")
+    right.set_xlabel("m (logit units, from per-token reference probabilities)")
     fig.suptitle(
         os.path.basename(os.path.normpath(report["dataset"]))
         + " scored by "
@@ -603,13 +638,17 @@ def check_hyperparameters(args: argparse.Namespace) -> None:
     from .losses import check_margin_hyperparameters, check_target_hyperparameters
 
     try:
-        check_margin_hyperparameters(gamma=args.gamma, margin_type=args.margin_type, max_margin=args.max_margin)
+        check_margin_hyperparameters(
+            gamma=args.cpo_gamma, margin_type=args.cpo_margin_type, max_margin=args.cpo_max_margin, prefix="cpo_"
+        )
     except ValueError as error:
-        raise AuditError(f"CPO preview (--gamma, --margin_type, --max_margin): {error}") from None
+        raise AuditError(f"CPO preview (--cpo_gamma, --cpo_margin_type, --cpo_max_margin): {error}") from None
     try:
-        check_target_hyperparameters(gamma=args.ecpoc_gamma, tau=args.tau, alpha=args.alpha)
+        check_target_hyperparameters(
+            gamma=args.ecpoc_gamma, tau=args.ecpoc_tau, alpha=args.ecpoc_alpha, prefix="ecpoc_"
+        )
     except ValueError as error:
-        raise AuditError(f"E-CPOC preview (--ecpoc_gamma, --tau, --alpha): {error}") from None
+        raise AuditError(f"E-CPOC preview (--ecpoc_gamma, --ecpoc_tau, --ecpoc_alpha): {error}") from None
 
 
 def run_audit(args: argparse.Namespace) -> dict:
@@ -617,20 +656,21 @@ def run_audit(args: argparse.Namespace) -> dict:
     check_hyperparameters(args)
     if args.max_length < 0:
         raise AuditError(f"--max_length {args.max_length}: must be >= 0 (0 for no truncation).")
-    check_model_dir(args.model)
-    dataset = load_preference_dataset(args.dataset, args.split)
+    check_model_dir(args.model_name_or_path)
+    dataset = load_preference_dataset(args.dataset_name, args.dataset_train_split)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-    dataset = prepare_pairs(dataset, args.dataset)
-    tokenizer = load_tokenizer(args.model, args.pad_token)
+    dataset = prepare_pairs(dataset, args.dataset_name)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.pad_token)
     from trl.data_utils import is_conversational
 
     if is_conversational(dataset[0]) and tokenizer.chat_template is None:
         raise AuditError(
-            f"--dataset {args.dataset} is conversational but the tokenizer in {args.model} has no chat template. "
-            "Use the model's chat tokenizer (one with tokenizer.chat_template set), or convert the data to plain text."
+            f"--dataset_name {args.dataset_name} is conversational but the tokenizer in {args.model_name_or_path} has "
+            "no chat template. Use the model's chat tokenizer (one with tokenizer.chat_template set), or convert the "
+            "data to plain text."
         )
-    model = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+    model = load_model(args.model_name_or_path, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
     with tempfile.TemporaryDirectory(prefix="trl-cpo-audit-") as work_dir, warnings.catch_warnings():
         # Deprecation notices that transformers raises from inside TRL's own calls: nothing the user can act on.
         warnings.simplefilter("ignore", FutureWarning)
@@ -639,7 +679,7 @@ def run_audit(args: argparse.Namespace) -> dict:
             model,
             tokenizer,
             dataset,
-            batch_size=args.batch_size,
+            batch_size=args.precompute_ref_batch_size,
             max_length=args.max_length or None,
             work_dir=work_dir,
         )

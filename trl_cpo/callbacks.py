@@ -15,6 +15,7 @@ import torch
 from transformers import TrainerCallback
 from trl.models.utils import disable_gradient_checkpointing
 
+from .logps import completion_lengths, is_length_normalized, to_loss_space
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 
 if TYPE_CHECKING:
@@ -48,17 +49,16 @@ class UFractionCallback(TrainerCallback):
         u_fraction              = mean(delta_ref + 1e-4 < delta_pi < 0)   (metrics.U_FRACTION_ATOL: round-off)
         ref_misaligned_fraction = mean(delta_ref < 0)
 
-    with ``delta = logp(y_w) - logp(y_l)`` in one log-prob space. The values are logged with the evaluation's prefix
-    (``eval_u_fraction``, ``eval_ref_misaligned_fraction``; ``eval_<name>_...`` for a dict of eval sets) through
-    ``trainer.log``, so they reach ``trainer.state.log_history`` (as a record right after the evaluation's own, at the
-    same step) and every reporter (TensorBoard, W&B, ...). They are also added to the metrics dict that ``evaluate``
-    returns, so ``metric_for_best_model="eval_u_fraction"`` works and callbacks added after this one see them.
+    with ``delta = logp(y_w) - logp(y_l)`` in the log-prob space of the trainer's loss: per-token averages if its
+    ``args.loss_type`` contains ``"sigmoid_norm"``, sums otherwise (``trl_cpo.logps.is_length_normalized``). The
+    values are logged with the evaluation's prefix (``eval_u_fraction``, ``eval_ref_misaligned_fraction``;
+    ``eval_<name>_...`` for a dict of eval sets) through ``trainer.log``, so they reach ``trainer.state.log_history``
+    (as a record right after the evaluation's own, at the same step) and every reporter (TensorBoard, W&B, ...). They
+    are also added to the metrics dict that ``evaluate`` returns, so ``metric_for_best_model="eval_u_fraction"`` works
+    and callbacks added after this one see them.
 
     Args:
         trainer: the ``trl.DPOTrainer`` (or subclass) to watch.
-        length_normalize: log-prob space. ``None`` (default) follows the trainer's loss: ``args.length_normalize``
-            for ``CPOConfig`` / ``ECPOCConfig``, otherwise per-token averages if ``loss_type`` contains
-            ``"sigmoid_norm"`` and sums if not. ``True`` averages log-probs per completion token, ``False`` sums them.
 
     Cost: one extra no-grad forward of the policy over the eval set per evaluation (DPOTrainer's evaluation does not
     expose its per-pair log-probs), plus one of the reference when the trainer does not precompute it.
@@ -67,18 +67,18 @@ class UFractionCallback(TrainerCallback):
     LD-DPO weighting (``ld_alpha``) is not supported: U is measured on plain summed or averaged log-probs.
     """
 
-    def __init__(self, trainer: DPOTrainer, length_normalize: bool | None = None):
+    def __init__(self, trainer: DPOTrainer):
         if getattr(trainer, "ld_alpha", None) is not None:
             raise ValueError(
                 "UFractionCallback does not support ld_alpha (LD-DPO weighting): it measures U on plain summed or "
                 "per-token log-probs. Unset ld_alpha, or do not add this callback."
             )
         self.trainer = trainer
-        if length_normalize is None:
-            length_normalize = getattr(trainer.args, "length_normalize", None)
-        if length_normalize is None:
-            length_normalize = "sigmoid_norm" in list(getattr(trainer, "loss_types", None) or trainer.args.loss_type)
-        self.length_normalize = bool(length_normalize)
+
+    @property
+    def length_normalized(self) -> bool:
+        """Whether U is measured on per-token averaged log-probs: follows the trainer's `args.loss_type`."""
+        return is_length_normalized(self.trainer.args.loss_type)
 
     def on_evaluate(self, args, state, control, metrics=None, eval_dataloader=None, **kwargs):
         if eval_dataloader is None or metrics is None:
@@ -115,18 +115,24 @@ class UFractionCallback(TrainerCallback):
         else:
             ref_batch = {k: v for k, v in batch.items() if k != "reference_margin"}
             ref_chosen, ref_rejected = trainer.compute_ref_log_probs(reference, ref_batch)
-        lengths = batch["completion_mask"].sum(dim=1).float()
-        per_pair = (policy_chosen, policy_rejected, ref_chosen, ref_rejected, *lengths.chunk(2, dim=0))
+        per_pair = (
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            *completion_lengths(batch["completion_mask"]),
+        )
         gathered = trainer.accelerator.gather_for_metrics(tuple(t.float() for t in per_pair))
         return [t.cpu() for t in gathered]
 
     def compute(self, dataloader) -> dict[str, float]:
         """`u_fraction` and `ref_misaligned_fraction` over `dataloader`, in this callback's log-prob space."""
         logps = self.per_pair_logps(dataloader)
-        space = [logps["policy_chosen"], logps["policy_rejected"], logps["ref_chosen"], logps["ref_rejected"]]
-        if self.length_normalize:
-            lengths = (logps["chosen_lengths"].clamp(min=1), logps["rejected_lengths"].clamp(min=1))
-            space = [values / lengths[i % 2] for i, values in enumerate(space)]
+        lengths = (logps["chosen_lengths"], logps["rejected_lengths"], self.length_normalized)
+        space = [
+            *to_loss_space(logps["policy_chosen"], logps["policy_rejected"], *lengths),
+            *to_loss_space(logps["ref_chosen"], logps["ref_rejected"], *lengths),
+        ]
         return {
             "u_fraction": u_fraction(*space, atol=U_FRACTION_ATOL).item(),
             "ref_misaligned_fraction": ref_misaligned_fraction(*space[2:]).item(),

@@ -2,41 +2,63 @@
 
 from __future__ import annotations
 
-import torch
-
+from ._config_utils import logger
 from ._margin_trainer import _ReferenceMarginTrainer
-from .cpo_config import CPOConfig
-from .losses import cpo_margin
+from .methods import METHODS
 from .model_card import CITATION, PAPER_ID, PAPER_TITLE
+from .reference import ReferenceLogps
+from .report import recommend_cpo_gamma
 
 
 class CPOTrainer(_ReferenceMarginTrainer):
     r"""Trainer for CPO, Constrained Preference Optimization (not TRL's Contrastive Preference Optimization).
 
-    A drop-in replacement for [`~trl.DPOTrainer`] (same arguments; a plain `DPOConfig` is upgraded to [`CPOConfig`])
-    whose loss is
+    A drop-in replacement for [`~trl.DPOTrainer`] (same arguments; a plain `DPOConfig` is used as is, with
+    `precompute_ref_log_probs` switched on and the CPO fields at their defaults) whose loss is
 
-        -log sigmoid(beta * (delta_pi - delta_ref) - m),   m = gamma * (1/pi_ref(y_w|x) + 1/pi_ref(y_l|x)),
+        -log sigmoid(beta * (delta_pi - delta_ref) - m),   m = cpo_gamma * (1/pi_ref(y_w|x) + 1/pi_ref(y_l|x)),
 
-    with `m` computed once per pair from the frozen reference before training (see `trl_cpo.losses.cpo_margin`).
+    with `m` computed once per pair from the frozen reference before training, on per-token reference probabilities
+    (see `trl_cpo.losses.cpo_margin`).
     Logs `u_fraction`, `ref_misaligned_fraction` and `cpo_margin` next to DPOTrainer's metrics.
     """
 
-    config_class = CPOConfig
-    margin_metric_name = "cpo_margin"
+    method = METHODS["cpo"]
 
     _tag_names = ["trl", "trl-cpo", "constrained-preference-optimization"]
     _name = "CPO (Constrained Preference Optimization)"
     _paper = {"title": PAPER_TITLE, "id": PAPER_ID, "citation": CITATION}
 
-    def reference_margin(self, ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor) -> torch.Tensor:
-        return cpo_margin(
-            ref_chosen_logps,
-            ref_rejected_logps,
-            gamma=self.args.gamma,
-            margin_type=self.args.margin_type,
-            max_margin=self.args.max_margin,
+    def _choose_method_settings(self, reference: ReferenceLogps) -> None:
+        share = self.args.cpo_auto_gamma
+        if share is None:
+            return
+        recommendation = recommend_cpo_gamma(
+            reference.chosen,
+            reference.rejected,
+            reference.chosen_lengths,
+            reference.rejected_lengths,
+            beta=self.args.beta,
+            length_normalized=self.length_normalized,
+            share=share,
+            margin_type=self.args.cpo_margin_type,
+            max_margin=self.args.cpo_max_margin,
         )
+        if recommendation.gamma is None:
+            raise ValueError(f"cpo_auto_gamma={share} cannot be met on this train set: {recommendation.reason}")
+        logger.warning(
+            "cpo_auto_gamma=%s: cpo_gamma set to %.4g from the train set's reference (was %s). %s",
+            share,
+            recommendation.gamma,
+            self.args.cpo_gamma,
+            recommendation.reason,
+        )
+        self.args.cpo_gamma = recommendation.gamma
 
-    def margin_metric(self, margin: torch.Tensor, delta_ref: torch.Tensor) -> torch.Tensor:
-        return margin
+    def _restore_chosen_settings(self, saved_settings: dict, checkpoint: str) -> None:
+        # A cpo_gamma chosen by cpo_auto_gamma is part of the run: a resumed run keeps the checkpoint's value rather
+        # than re-choosing it from a reference that may have been rebuilt slightly differently.
+        saved = saved_settings.get("cpo_gamma")
+        if self.args.cpo_auto_gamma is not None and saved is not None and saved != self.args.cpo_gamma:
+            logger.warning("Resuming with the checkpoint's cpo_gamma=%.6g (chosen by cpo_auto_gamma).", saved)
+            self.args.cpo_gamma = float(saved)

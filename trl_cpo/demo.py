@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from . import _demo_task as task_lib
-from .losses import cpo_margin, ecpoc_target
+from .logps import is_length_normalized, to_loss_space
 from .metrics import in_undesirable_space, ref_misaligned_fraction, u_fraction
 
 METHODS = ("DPO", "CPO", "E-CPOC")
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="Methods to train from the reference."
     )
-    run.add_argument("--steps", type=int, default=150, help="Optimizer steps per method (same budget for all).")
-    run.add_argument("--batch_size", type=int, default=16, help="Preference pairs per step.")
+    run.add_argument("--max_steps", type=int, default=150, help="Optimizer steps per method (same budget for all).")
+    run.add_argument("--per_device_train_batch_size", type=int, default=16, help="Preference pairs per step.")
     run.add_argument(
         "--learning_rate", type=float, default=5e-4, help="AdamW learning rate, constant, same for all methods."
     )
@@ -98,15 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hp.add_argument("--cpo_gamma", type=float, default=0.05, help="CPO constraint strength (released setting 0.05).")
     hp.add_argument(
-        "--margin_type",
+        "--cpo_margin_type",
         choices=("inverse_prob", "inverse_logp"),
         default="inverse_prob",
         help="CPO numerics of 1/pi_ref: the paper's 'inverse_prob' or the released code's 'inverse_logp'.",
     )
-    hp.add_argument("--max_margin", type=float, default=10.0, help="Cap on the CPO margin (logit units).")
+    hp.add_argument("--cpo_max_margin", type=float, default=10.0, help="Cap on the CPO margin (logit units).")
     hp.add_argument("--ecpoc_gamma", type=float, default=0.5, help="E-CPOC floor of the target log-odds.")
-    hp.add_argument("--tau", type=float, default=2.0, help="E-CPOC smooth-max sharpness.")
-    hp.add_argument("--alpha", type=float, default=1.0, help="E-CPOC scale 1/alpha of the correction term.")
+    hp.add_argument("--ecpoc_tau", type=float, default=2.0, help="E-CPOC smooth-max sharpness.")
+    hp.add_argument(
+        "--ecpoc_alpha", type=float, default=1.0, help="E-CPOC scale 1/ecpoc_alpha of the correction term."
+    )
 
     data = parser.add_argument_group("synthetic task and reference")
     data.add_argument("--num_topics", type=int, default=10, help="Topics; corruption is applied per topic.")
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train_pairs",
         type=int,
         default=2400,
-        help="Training pairs; they also build the reference's SFT data, so this is independent of --steps (the "
+        help="Training pairs; they also build the reference's SFT data, so this is independent of --max_steps (the "
         "default 2400 = 150 steps x 16 pairs: each pair seen once at the default budget).",
     )
     data.add_argument("--eval_pairs", type=int, default=480, help="Held-out pairs (majority labels).")
@@ -139,7 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    positive = ("steps", "batch_size", "eval_every", "eval_pairs", "ref_steps", "ref_batch_size", "num_threads")
+    positive = (
+        "max_steps",
+        "per_device_train_batch_size",
+        "eval_every",
+        "eval_pairs",
+        "ref_steps",
+        "ref_batch_size",
+        "num_threads",
+    )
     for name in positive + ("hidden_size", "num_layers", "num_topics"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -189,18 +199,28 @@ def held_out_metrics(
 
 
 class _HeldOut:
-    """Held-out pairs, tokenized once, and the reference's length-normalized log-probs on them."""
+    """Held-out pairs, tokenized once, and the reference's log-probs on them.
+
+    `reference` keeps the summed log-probs and lengths (a `trl_cpo.reference.ReferenceLogps`, what the method targets
+    are computed from); `ref_chosen` / `ref_rejected` are the length-normalized values the measurements use.
+    """
 
     def __init__(self, tokenizer, pairs: Sequence[dict], reference):
+        from .reference import ReferenceLogps
+
         self.pad_token_id = tokenizer.pad_token_id
         self.chosen = [task_lib.encode(tokenizer, p["prompt"], p["chosen"]) for p in pairs]
         self.rejected = [task_lib.encode(tokenizer, p["prompt"], p["rejected"]) for p in pairs]
-        self.ref_chosen, self.ref_rejected = self.logps(reference)
+        self.reference = ReferenceLogps(*self._summed(reference))
+        self.ref_chosen, self.ref_rejected = self.reference.per_token()
 
-    def logps(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+    def _summed(self, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         chosen, chosen_len = task_lib.completion_logps(model, self.chosen, self.pad_token_id)
         rejected, rejected_len = task_lib.completion_logps(model, self.rejected, self.pad_token_id)
-        return chosen / chosen_len, rejected / rejected_len
+        return chosen, rejected, chosen_len, rejected_len
+
+    def logps(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_loss_space(*self._summed(model), length_normalized=True)
 
     def measure(self, model) -> dict[str, float | None]:
         return held_out_metrics(*self.logps(model), self.ref_chosen, self.ref_rejected)
@@ -234,60 +254,43 @@ def _monitor_callback(held_out: _HeldOut, history: list, eval_every: int, bar):
 # -- training ---------------------------------------------------------------------------------------------------------
 
 
+def _table_method(name: str):
+    """The `trl_cpo.methods.METHODS` entry of a demo method ("CPO", "E-CPOC"), looked up by its title."""
+    from .methods import METHODS as TABLE
+
+    return next(method for method in TABLE.values() if method.title == name)
+
+
 def _method_spec(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Trainer, config class and the method's own hyperparameters."""
+    """Trainer, config class and the method's own hyperparameters (all methods on length-normalized log-probs)."""
     if name == "DPO":
         from trl import DPOConfig, DPOTrainer
 
-        return {
-            "trainer": DPOTrainer,
-            "config": DPOConfig,
-            "kwargs": {"loss_type": ["sigmoid_norm"]},
-            "hyperparameters": {"beta": args.beta, "loss_type": "sigmoid_norm"},
-        }
-    if name == "CPO":
-        from .cpo_config import CPOConfig
-        from .cpo_trainer import CPOTrainer
-
-        kwargs = {
-            "gamma": args.cpo_gamma,
-            "margin_type": args.margin_type,
-            "max_margin": args.max_margin,
-            "length_normalize": True,
-        }
-        return {
-            "trainer": CPOTrainer,
-            "config": CPOConfig,
-            "kwargs": kwargs,
-            "hyperparameters": {"beta": args.beta, **kwargs},
-        }
-    from .ecpoc_config import ECPOCConfig
-    from .ecpoc_trainer import ECPOCTrainer
-
-    kwargs = {"gamma": args.ecpoc_gamma, "tau": args.tau, "alpha": args.alpha, "length_normalize": True}
+        trainer, config, kwargs = DPOTrainer, DPOConfig, {}
+    else:
+        method = _table_method(name)
+        # The demo's flags carry the config field names (--cpo_gamma, --ecpoc_tau, ...).
+        trainer, config, kwargs = method.trainer_class, method.config_class, method.settings(args)
     return {
-        "trainer": ECPOCTrainer,
-        "config": ECPOCConfig,
-        "kwargs": kwargs,
-        "hyperparameters": {"beta": args.beta, **kwargs},
+        "trainer": trainer,
+        "config": config,
+        "kwargs": {**kwargs, "loss_type": ["sigmoid_norm"]},
+        "hyperparameters": {"beta": args.beta, **kwargs, "loss_type": "sigmoid_norm"},
     }
 
 
-def method_target(name: str, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, args) -> torch.Tensor:
-    """Per-pair target log-odds each loss pushes ``delta_pi`` past (in the loss's space), from the reference alone.
+def method_target(name: str, reference, config) -> torch.Tensor:
+    """Per-pair target log-odds each loss pushes ``delta_pi`` past, in the space of ``config.loss_type``.
 
-    DPO: ``delta_ref``; CPO: ``delta_ref + m / beta`` with the CPO margin ``m``; E-CPOC: its smoothed
-    ``max(delta_ref, gamma)``.
+    `reference` is a `trl_cpo.reference.ReferenceLogps` (summed log-probs and lengths); `config` the method's training
+    config (or any object with its `beta`, `loss_type` and method fields). DPO: ``delta_ref``; CPO:
+    ``delta_ref + m / beta`` with the margin ``m`` on per-token reference probabilities; E-CPOC: its smoothed
+    ``max(delta_ref, ecpoc_gamma)``. The CPO and E-CPOC targets are those the trainers use
+    (`trl_cpo.methods.Method.target_from_config`).
     """
-    delta_ref = ref_chosen - ref_rejected
     if name == "DPO":
-        return delta_ref
-    if name == "CPO":
-        margin = cpo_margin(
-            ref_chosen, ref_rejected, gamma=args.cpo_gamma, margin_type=args.margin_type, max_margin=args.max_margin
-        )
-        return delta_ref + margin / args.beta
-    return ecpoc_target(ref_chosen, ref_rejected, gamma=args.ecpoc_gamma, tau=args.tau, alpha=args.alpha)
+        return reference.delta_ref(is_length_normalized(config.loss_type))
+    return _table_method(name).target_from_config(reference, config)
 
 
 def _train_method(
@@ -303,8 +306,8 @@ def _train_method(
         fp16=False,
         report_to="none",
         gradient_checkpointing=False,
-        per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -323,7 +326,7 @@ def _train_method(
     history: list[dict] = []
     start = time.perf_counter()
     trainer = spec["trainer"](model=policy, args=config, train_dataset=train_dataset, processing_class=tokenizer)
-    bar = _bar(total=args.steps, desc=f"{label} {name:<6}", disable=args.no_progress)
+    bar = _bar(total=args.max_steps, desc=f"{label} {name:<6}", disable=args.no_progress)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_monitor_callback(held_out, history, args.eval_every, bar))
@@ -337,7 +340,7 @@ def _train_method(
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
-    target = method_target(name, held_out.ref_chosen, held_out.ref_rejected, args)
+    target = method_target(name, held_out.reference, config)
     misaligned = held_out.ref_chosen < held_out.ref_rejected
     return {
         "trainer": f"{spec['trainer'].__module__.split('.')[0]}.{spec['trainer'].__name__}",
@@ -495,13 +498,14 @@ def format_sweep_table(results: Sequence[dict[str, Any]], methods: Sequence[str]
 
 def _settings_line(args: argparse.Namespace) -> str:
     return (
-        f"All methods: {args.steps} steps x {args.batch_size} pairs, AdamW lr {args.learning_rate:g} constant, seed "
-        f"{args.seed}, beta {args.beta:g}, reference log-probs precomputed; loss space: {LOSS_SPACE} (DPO = "
-        f"trl.DPOTrainer loss_type='sigmoid_norm'; CPO gamma {args.cpo_gamma:g} {args.margin_type}; E-CPOC gamma "
-        f"{args.ecpoc_gamma:g} tau {args.tau:g} alpha {args.alpha:g}). acc = share of held-out pairs with "
-        "delta_pi > 0; U-frac = share with delta_ref < delta_pi < 0; |ref-wrong = on the pairs with delta_ref < 0; "
-        "target = the log-odds each loss pushes delta_pi past (DPO: delta_ref); dpi = mean delta_pi (the reference "
-        "row: mean delta_ref)."
+        f"All methods: {args.max_steps} steps x {args.per_device_train_batch_size} pairs, AdamW lr "
+        f"{args.learning_rate:g} constant, seed {args.seed}, beta {args.beta:g}, reference log-probs precomputed; "
+        f"loss space: {LOSS_SPACE} (DPO = trl.DPOTrainer loss_type='sigmoid_norm'; CPO cpo_gamma {args.cpo_gamma:g} "
+        f"{args.cpo_margin_type}, margin on per-token reference probabilities; E-CPOC ecpoc_gamma "
+        f"{args.ecpoc_gamma:g} ecpoc_tau {args.ecpoc_tau:g} ecpoc_alpha {args.ecpoc_alpha:g}). acc = share of "
+        "held-out pairs with delta_pi > 0; U-frac = share with delta_ref < delta_pi < 0; |ref-wrong = on the pairs "
+        "with delta_ref < 0; target = the log-odds each loss pushes delta_pi past (DPO: delta_ref); dpi = mean "
+        "delta_pi (the reference row: mean delta_ref)."
     )
 
 

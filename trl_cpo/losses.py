@@ -38,38 +38,43 @@ _MIN_ABS_LOGP = 1e-6
 
 
 def check_margin_hyperparameters(
-    *, gamma: float, margin_type: str | None = None, max_margin: float | None = None
+    *, gamma: float, margin_type: str | None = None, max_margin: float | None = None, prefix: str = ""
 ) -> None:
-    """Raise a `ValueError` naming the field and the fix if a CPO margin hyperparameter is unusable."""
+    """Raise a `ValueError` naming the field and the fix if a CPO margin hyperparameter is unusable.
+
+    `prefix` is prepended to the names in the message (`"cpo_"` for `CPOConfig`'s fields).
+    """
     if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
         raise ValueError(
-            f"gamma={gamma!r} is invalid: it must be a finite number >= 0 (gamma=0 recovers plain DPO). "
-            "Set `gamma` to a non-negative value, e.g. 0.05 (CPO) or 0.5 (E-CPOC)."
+            f"{prefix}gamma={gamma!r} is invalid: it must be a finite number >= 0 ({prefix}gamma=0 recovers plain "
+            f"DPO). Set `{prefix}gamma` to a non-negative value, e.g. 0.05 (CPO) or 0.5 (E-CPOC)."
         )
     if margin_type is not None and margin_type not in MARGIN_TYPES:
         raise ValueError(
-            f"margin_type={margin_type!r} is unknown. Use one of {list(MARGIN_TYPES)}: 'inverse_prob' is the paper's "
-            "1/pi_ref form, 'inverse_logp' reproduces the released code's numerics."
+            f"{prefix}margin_type={margin_type!r} is unknown. Use one of {list(MARGIN_TYPES)}: 'inverse_prob' is the "
+            "paper's 1/pi_ref form, 'inverse_logp' reproduces the released code's numerics."
         )
     if max_margin is not None and (
         not isinstance(max_margin, (int, float)) or not math.isfinite(max_margin) or max_margin <= 0
     ):
         raise ValueError(
-            f"max_margin={max_margin!r} is invalid: it must be a finite number > 0 (it bounds the CPO margin so the "
-            f"loss stays finite). Set `max_margin` to a positive value, e.g. {DEFAULT_MAX_MARGIN}."
+            f"{prefix}max_margin={max_margin!r} is invalid: it must be a finite number > 0 (it bounds the CPO margin "
+            f"so the loss stays finite). Set `{prefix}max_margin` to a positive value, e.g. {DEFAULT_MAX_MARGIN}."
         )
 
 
-def check_target_hyperparameters(*, gamma: float, tau: float, alpha: float) -> None:
+def check_target_hyperparameters(*, gamma: float, tau: float, alpha: float, prefix: str = "") -> None:
     """Raise a `ValueError` naming the field and the fix if an E-CPOC hyperparameter is unusable."""
-    check_margin_hyperparameters(gamma=gamma)
+    check_margin_hyperparameters(gamma=gamma, prefix=prefix)
     if not isinstance(tau, (int, float)) or math.isnan(tau) or tau <= 0:
         raise ValueError(
-            f"tau={tau!r} is invalid: it must be > 0. Use a positive temperature (default 2.0), or float('inf') for "
-            "the hard target max(delta_ref, gamma)."
+            f"{prefix}tau={tau!r} is invalid: it must be > 0. Use a positive temperature (default 2.0), or "
+            f"float('inf') for the hard target max(delta_ref, {prefix}gamma)."
         )
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha={alpha!r} is invalid: it must be a finite number > 0. Set `alpha` to e.g. 1.0.")
+        raise ValueError(
+            f"{prefix}alpha={alpha!r} is invalid: it must be a finite number > 0. Set `{prefix}alpha` to e.g. 1.0."
+        )
 
 
 def check_beta(beta: float) -> None:
@@ -123,6 +128,11 @@ def cpo_margin(
 ) -> torch.Tensor:
     r"""Per-pair CPO adaptive margin ``m`` (logit units), computed from the frozen reference only.
 
+    Pass **per-token** (length-averaged) reference log-probs, whatever space the loss runs in: ``1/pi_ref(y)`` is then
+    a per-token perplexity, the scale of the released code. The paper writes the sequence-level ``1/pi_ref(y|x)``;
+    on summed log-probs it is astronomically large (a 200-token completion has ``logp`` near -400), so the cap binds
+    on every realistic pair and ``gamma`` stops mattering. The trainers always call this with per-token log-probs.
+
     ``inverse_prob`` (the paper's form, arXiv:2605.20834, CPO objective with ``1/pi*`` approximated by ``1/pi_ref``):
 
         m = gamma * (1/pi_ref(y_w|x) + 1/pi_ref(y_l|x)),    evaluated in log space as
@@ -156,17 +166,21 @@ def cpo_loss(
     gamma: float,
     margin_type: str = "inverse_prob",
     max_margin: float = DEFAULT_MAX_MARGIN,
+    ref_chosen_token_logps: torch.Tensor | None = None,
+    ref_rejected_token_logps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-pair CPO loss (Constrained Preference Optimization, soft constraint; arXiv:2605.20834).
 
     ``loss = -log sigmoid(beta * (delta_pi - delta_ref) - m)`` with ``m`` from :func:`cpo_margin`.
 
-    ``gamma = 0`` gives ``m = 0``, i.e. exactly :func:`dpo_loss`.
+    ``gamma = 0`` gives ``m = 0``, i.e. exactly :func:`dpo_loss`. The log-probs are in the loss's space (summed or
+    per-token); ``m`` is computed from ``ref_*_token_logps``, the per-token reference log-probs, when given (the
+    trainers' choice, see :func:`cpo_margin`), and otherwise from ``ref_*_logps`` as passed.
     """
     check_beta(beta)
-    margin = cpo_margin(
-        ref_chosen_logps, ref_rejected_logps, gamma=gamma, margin_type=margin_type, max_margin=max_margin
-    )
+    margin_chosen = ref_chosen_logps if ref_chosen_token_logps is None else ref_chosen_token_logps
+    margin_rejected = ref_rejected_logps if ref_rejected_token_logps is None else ref_rejected_token_logps
+    margin = cpo_margin(margin_chosen, margin_rejected, gamma=gamma, margin_type=margin_type, max_margin=max_margin)
     target = _log_odds(ref_chosen_logps, ref_rejected_logps) + margin / beta
     return margin_ranking_loss(_log_odds(policy_chosen_logps, policy_rejected_logps), target, beta=beta)
 

@@ -22,27 +22,38 @@ NAMING_NOTE = (
 )
 
 
-def method_card_section(args, *, base_model: str | None, dataset_name: str | None) -> str:
+def method_card_section(method, args, *, base_model: str | None, dataset_name: str | None, report=None) -> str:
     """Markdown section naming the method, the base model, the dataset and the hyperparameters that matter.
 
-    The method's own hyperparameters and formula come from the config class (`_card_fields`, `_card_formula`).
+    `method` is the entry of `trl_cpo.methods.METHODS`: its fields and formula are what the card shows.
     """
-    method = args._method_name
+    formula = method.formula
     settings = [
         ("beta", args.beta),
-        *((name, getattr(args, name)) for name in args._card_fields),
-        ("length_normalize", args.length_normalize),
+        *method.settings(args).items(),
         ("loss_type", args.loss_type),
         ("learning_rate", args.learning_rate),
     ]
+    method = method.title
     rows = "\n".join(f"| `{name}` | `{value}` |" for name, value in settings)
+    report_section = (
+        ""
+        if report is None
+        else f"""
+### Reference report (train set, before the first step)
+
+```text
+{report.format_table()}
+```
+"""
+    )
     return f"""## Method: {method} (Constrained Preference Optimization)
 
 Trained with `trl_cpo`'s {method} trainer, from [{PAPER_TITLE}](https://arxiv.org/abs/{PAPER_ID}) (arXiv:{PAPER_ID}).
 
 > {NAMING_NOTE}
 
-`{args._card_formula}`
+`{formula}`
 
 - Base model: {base_model or "unknown"}
 - Dataset: {dataset_name or "not recorded"}
@@ -50,7 +61,7 @@ Trained with `trl_cpo`'s {method} trainer, from [{PAPER_TITLE}](https://arxiv.or
 | hyperparameter | value |
 | --- | --- |
 {rows}
-"""
+{report_section}"""
 
 
 def insert_card_section(card_path: str, section: str) -> None:

@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .logps import completion_lengths, to_loss_space
+
 #: File written into each checkpoint folder by the CPO / E-CPOC trainers.
 REFERENCE_FILE = "trl_cpo_reference.safetensors"
 
@@ -41,11 +43,18 @@ class ReferenceLogps:
     def __len__(self) -> int:
         return self.chosen.numel()
 
-    def in_loss_space(self, length_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (chosen, rejected) log-probs summed, or averaged per completion token if `length_normalize`."""
-        if not length_normalize:
-            return self.chosen, self.rejected
-        return self.chosen / self.chosen_lengths.clamp(min=1), self.rejected / self.rejected_lengths.clamp(min=1)
+    def in_loss_space(self, length_normalized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) log-probs summed, or averaged per completion token if `length_normalized`."""
+        return to_loss_space(self.chosen, self.rejected, self.chosen_lengths, self.rejected_lengths, length_normalized)
+
+    def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) log-probs averaged per completion token, whatever the loss's space."""
+        return self.in_loss_space(True)
+
+    def delta_ref(self, length_normalized: bool) -> torch.Tensor:
+        """Reference log-odds `logp_ref(y_w) - logp_ref(y_l)` in the loss's space."""
+        chosen, rejected = self.in_loss_space(length_normalized)
+        return chosen - rejected
 
     def same_pairs(self, other: ReferenceLogps) -> bool:
         """Whether `other` was computed on the same pairs: same count and the same completion lengths, row by row."""
@@ -54,12 +63,6 @@ class ReferenceLogps:
             and torch.equal(self.chosen_lengths, other.chosen_lengths)
             and torch.equal(self.rejected_lengths, other.rejected_lengths)
         )
-
-
-def completion_lengths(completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion token counts of a `[chosen; rejected]` batch, as TRL's `sigmoid_norm` counts them."""
-    lengths = completion_mask.sum(dim=1).float()
-    return lengths.chunk(2, dim=0)
 
 
 def _reference_model(trainer):
@@ -129,15 +132,27 @@ def checkpoint_reference_path(checkpoint_dir: str) -> str:
     return os.path.join(checkpoint_dir, REFERENCE_FILE)
 
 
-def save_reference_checkpoint(checkpoint_dir: str, splits: dict[str, ReferenceLogps]) -> None:
-    """Write the reference log-probs of each named split ("train", eval set names) into `checkpoint_dir`."""
+def save_reference_checkpoint(
+    checkpoint_dir: str, splits: dict[str, ReferenceLogps], metadata: dict[str, object] | None = None
+) -> None:
+    """Write the reference log-probs of each named split ("train", eval set names) into `checkpoint_dir`.
+
+    `metadata` (JSON-serialisable) is stored next to them and read back by `read_reference_metadata`.
+    """
     names = list(splits)
     tensors = {
         f"{index}.{field.name}": getattr(reference, field.name).contiguous()
         for index, reference in enumerate(splits.values())
         for field in fields(ReferenceLogps)
     }
-    save_file(tensors, checkpoint_reference_path(checkpoint_dir), metadata={"splits": json.dumps(names)})
+    header = {"splits": json.dumps(names), "trl_cpo": json.dumps(metadata or {})}
+    save_file(tensors, checkpoint_reference_path(checkpoint_dir), metadata=header)
+
+
+def read_reference_metadata(checkpoint_dir: str) -> dict[str, object]:
+    """The `metadata` dict `save_reference_checkpoint` stored (empty for files written without it)."""
+    with safe_open(checkpoint_reference_path(checkpoint_dir), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("trl_cpo", "{}"))
 
 
 def load_reference_checkpoint(checkpoint_dir: str) -> dict[str, ReferenceLogps]:
