@@ -6,7 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("trl_cpo.demo", "Train DPO, CPO and E-CPOC from a corrupted reference on CPU; see which end in U."),
+    "demo": ("trl_cpo.scripts.demo", "DPO vs CPO vs E-CPOC from a corrupted reference on CPU: which end in U."),
     "audit": ("trl_cpo.audit", "Measure how often a reference model prefers the rejected response of a dataset."),
 }
 
