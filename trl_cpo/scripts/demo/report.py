@@ -105,7 +105,9 @@ def t_interval(values: Sequence[float | None], confidence: float = CONFIDENCE) -
 
 def _summary(records: Sequence[dict | None], keys: Sequence[str]) -> dict[str, Any]:
     present = [r for r in records if r is not None]
-    return {key: t_interval([r.get(key) for r in present]) for key in keys if any(key in r for r in present)}
+    return {
+        key: t_interval([r.get(key) for r in present]) for key in keys if any(r.get(key) is not None for r in present)
+    }
 
 
 def report_row(methods: Sequence[str]) -> str | None:

@@ -705,7 +705,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(name, "1")
     try:
-        args = _parse(argv)
+        try:
+            args = _parse(argv)
+        except SystemExit as exit_:
+            # argparse has printed its one-line error (unknown choice, bad type); --help exits 0 as usual.
+            if exit_.code in (0, None):
+                raise
+            return 2
         configs = build_configs(args)
         removed = prepare_output_dir(args.output_dir, args.overwrite_output_dir)
     except (ValueError, OSError) as error:
