@@ -36,6 +36,7 @@ ROW_KEYS = (
     "mean_target_ref_misaligned",
     "predicted_mean_delta_pi",
     "predicted_mean_delta_pi_ref_misaligned",
+    "gap_to_predicted_ref_misaligned",
     "mean_optimality_residual_ref_misaligned",
     "cpo_gamma",
 )
@@ -291,8 +292,10 @@ def plot_curves(entry: dict[str, Any], path: str) -> bool:
         predicted = summary["methods"][name].get("predicted_mean_delta_pi_ref_misaligned")
         if show_dpi and predicted is not None:
             axes[2].axhline(predicted["mean"], color=style["color"], ls=":", lw=1.2)
-    axes[0].axhline(ref["accuracy"]["mean"], color="gray", ls="--", lw=1, label="reference")
-    axes[1].axhline(ref["misaligned_rate"]["mean"], color="gray", ls=":", lw=1, label="ref. misaligned rate")
+    reference_line = axes[0].axhline(ref["accuracy"]["mean"], color="gray", ls="--", lw=1, label="reference")
+    axes[0].legend(handles=[reference_line], fontsize=8, loc="lower right")
+    rate_line = axes[1].axhline(ref["misaligned_rate"]["mean"], color="gray", ls=":", lw=1, label="ref. misaligned")
+    axes[1].legend(handles=[rate_line], fontsize=8, loc="upper right")
     axes[0].set(title="held-out accuracy (delta_pi > 0)", xlabel="step", ylim=(-0.02, 1.02))
     axes[1].set(title="held-out U-fraction (delta_ref < delta_pi < 0)", xlabel="step", ylim=(-0.02, 1.02))
     if show_dpi:
@@ -305,8 +308,7 @@ def plot_curves(entry: dict[str, Any], path: str) -> bool:
         ax.set(title="mean delta_pi where delta_ref < 0", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
-        if ax is axes[-1]:
-            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(
         f"corruption {entry['corruption']:.2f}, {len(seeds)} seed(s): mean and 95% t-band; the reference prefers the "
         f"rejected response on {ref['misaligned_rate']['mean']:.0%} of held-out pairs",

@@ -492,6 +492,10 @@ def train_row(name, config, reference, tokenizer, train_dataset, held_out: HeldO
         None if predicted is None else _mean_or_none(predicted[misaligned])
     )
     final["mean_optimality_residual_ref_misaligned"] = _mean_or_none(residual[misaligned])
+    measured, expected = final["mean_delta_pi_ref_misaligned"], final["predicted_mean_delta_pi_ref_misaligned"]
+    final["gap_to_predicted_ref_misaligned"] = (
+        None if measured is None or expected is None else round(measured - expected, 6)
+    )
     method = row_method(name)
     settings = {} if method is None else method.settings(config)
     if "cpo_gamma" in settings:
