@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 #: Version of the layout of results.json (bumped when a key changes meaning or moves).
 SCHEMA_VERSION = 2
 CONFIDENCE = 0.95
-INTERVAL_NAME = "95% Student-t interval over seeds: mean +- t(0.975, n-1) * sd / sqrt(n) (no interval for n = 1)"
+INTERVAL_NAME = "95% Student-t interval over seeds: mean ± t(0.975, n-1) * sd / sqrt(n) (no interval for n = 1)"
 
 #: Per-row numbers summarised across seeds (keys of each row's "final" block).
 ROW_KEYS = (
@@ -134,6 +135,13 @@ def summarize(entry: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
 
 # -- tables -------------------------------------------------------------------------------------------------------------
 
+#: Prose lines of the printed report are wrapped at this width (the tables are narrower).
+TEXT_WIDTH = 118
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=TEXT_WIDTH, break_on_hyphens=False)
+
 
 def fmt(interval: dict | None, digits: int = 3, percent: bool = False) -> str:
     """``mean ± half-width`` (symmetric t-interval), the mean alone for one seed, ``-`` for nothing."""
@@ -165,15 +173,15 @@ def reference_report_lines(entry: dict[str, Any], args) -> list[str]:
     source = summary["row"]
     first = entry["seeds"][0]["methods"][source]
     lines = [
-        f"Reference report on the train set, as {first['trainer']} prints it at its precompute ({source} row, seed "
-        f"{entry['seeds'][0]['seed']}):",
+        f"Reference report on the train set, as {first['trainer']} prints it at its precompute ({source} row, "
+        f"seed {entry['seeds'][0]['seed']}):",
         *("  " + line for line in (first["printed_report"] or "").splitlines()),
     ]
     key = [f"misaligned {fmt(summary.get('misaligned_fraction'), 1, percent=True)}"]
     if "lifted_fraction" in summary:
         key.append(f"lifted at cpo_gamma {args.cpo_gamma:g}: {fmt(summary['lifted_fraction'], 1, percent=True)}")
     key.append(f"recommended cpo_gamma (lifts {args.cpo_auto_gamma:.0%}): {fmt(summary.get('recommended_cpo_gamma'))}")
-    lines.append(f"Across {len(entry['seeds'])} seed(s): " + "; ".join(key) + ".")
+    lines.append(_wrap(f"Across {len(entry['seeds'])} seed(s): " + "; ".join(key) + "."))
     return lines
 
 
@@ -183,10 +191,13 @@ def format_corruption_table(entry: dict[str, Any], args) -> str:
     first = entry["seeds"][0]
     n_corrupted = len(first["reference"]["corrupted_topics"])
     lines = [
-        f"Corruption {entry['corruption']:.2f}, seeds {', '.join(map(str, summary['seeds']))}: the reference imitates "
-        f"the rejected response on {n_corrupted} of {args.num_topics} topics. On {first['data']['eval_pairs']} held-out "
-        f"pairs it prefers the rejected one on {fmt(ref['misaligned_rate'], 1, percent=True)} (delta_ref < 0; mean "
-        f"delta_ref there {fmt(ref.get('mean_delta_ref_misaligned'), 2)}).",
+        _wrap(
+            f"Corruption {entry['corruption']:.2f}, seeds {', '.join(map(str, summary['seeds']))}: the reference "
+            f"imitates the rejected response on {n_corrupted} of {args.num_topics} topics. On "
+            f"{first['data']['eval_pairs']} held-out pairs it prefers the rejected one on "
+            f"{fmt(ref['misaligned_rate'], 1, percent=True)} (delta_ref < 0; mean delta_ref there "
+            f"{fmt(ref.get('mean_delta_ref_misaligned'), 2)})."
+        ),
         *reference_report_lines(entry, args),
         "",
         f"{'method':<{METHOD_WIDTH}}" + "".join(f"{title:>{CELL_WIDTH}}" for title, _ in COLUMNS),
@@ -221,18 +232,19 @@ def settings_line(args) -> str:
     from .run import ROWS
 
     rows = "; ".join(f"{name}: {ROWS[name][2]}" for name in args.methods)
-    return (
+    paragraphs = (
         f"Every row: {args.max_steps} steps x {args.per_device_train_batch_size} pairs, AdamW lr "
         f"{args.learning_rate:g} constant, beta {args.beta:g}, reference log-probs precomputed, loss space: "
         f"{LOSS_SPACE_SHORT}; label noise {args.label_noise:g}. Rows: {rows} (cpo_gamma {args.cpo_gamma:g}, "
         f"cpo_auto_gamma {args.cpo_auto_gamma:g}, ecpoc_gamma {args.ecpoc_gamma:g}, ecpoc_tau {args.ecpoc_tau:g}, "
-        f"ecpoc_alpha {args.ecpoc_alpha:g}).\n"
+        f"ecpoc_alpha {args.ecpoc_alpha:g}).",
         "acc = share of held-out pairs with delta_pi > 0; U-frac = share with delta_ref < delta_pi < 0; |ref-wrong = "
         "on the pairs with delta_ref < 0; target = the log-odds each loss pushes delta_pi past (DPO: delta_ref); dpi = "
         "mean delta_pi (reference row: mean delta_ref); predicted = mean of each pair's population optimum of the "
-        "row's loss under the label noise (docs/demo.md derives it).\n"
-        f"Each cell: mean ± half-width of the {INTERVAL_NAME}."
+        "row's loss under the label noise (docs/demo.md derives it).",
+        f"Each cell: mean ± half-width of the {INTERVAL_NAME}.",
     )
+    return "\n".join(_wrap(paragraph) for paragraph in paragraphs)
 
 
 LOSS_SPACE_SHORT = "per-token averaged log-probs (loss_type='sigmoid_norm')"
