@@ -109,7 +109,8 @@ def test_results_json_schema(seeds_run):
             assert row["history"][0]["u_fraction"] == 0.0
             assert row["history"][0]["accuracy"] == seed["reference"]["accuracy"]
             final = row["final"]
-            for key in ("mean_target_ref_misaligned", "predicted_mean_delta_pi", "mean_delta_pi_ref_misaligned"):
+            finite = ("mean_target_ref_misaligned", "predicted_mean_delta_pi", "mean_delta_pi_ref_misaligned")
+            for key in (*finite, "gap_to_predicted_ref_misaligned", "spread_around_predicted_ref_misaligned"):
                 assert math.isfinite(final[key]), (name, key)
             assert ("cpo_gamma" in final) == name.startswith("CPO")
         assert seed["methods"]["DPO"]["trainer"] == "trl.DPOTrainer"

@@ -38,6 +38,7 @@ ROW_KEYS = (
     "predicted_mean_delta_pi",
     "predicted_mean_delta_pi_ref_misaligned",
     "gap_to_predicted_ref_misaligned",
+    "spread_around_predicted_ref_misaligned",
     "mean_optimality_residual_ref_misaligned",
     "cpo_gamma",
 )

@@ -496,6 +496,11 @@ def train_row(name, config, reference, tokenizer, train_dataset, held_out: HeldO
     final["gap_to_predicted_ref_misaligned"] = (
         None if measured is None or expected is None else round(measured - expected, 6)
     )
+    # How far single pairs sit from their own optimum (the model moves words shared by many pairs, not each pair).
+    gaps = None if predicted is None else (policy_chosen - policy_rejected - predicted)[misaligned]
+    final["spread_around_predicted_ref_misaligned"] = (
+        round(gaps.std().item(), 6) if gaps is not None and gaps.numel() > 1 else None
+    )
     method = row_method(name)
     settings = {} if method is None else method.settings(config)
     if "cpo_gamma" in settings:
