@@ -136,8 +136,8 @@ def summarize(entry: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
 
 # -- tables -------------------------------------------------------------------------------------------------------------
 
-#: Prose lines of the printed report are wrapped at this width (the tables are narrower).
-TEXT_WIDTH = 118
+#: Prose lines of the printed report are wrapped at this width (the tables' width too).
+TEXT_WIDTH = 100
 
 
 def _wrap(text: str) -> str:
@@ -155,15 +155,16 @@ def fmt(interval: dict | None, digits: int = 3, percent: bool = False) -> str:
     return text + ("%" if percent else "")
 
 
+#: (header, key) of the printed table; "|wrong" columns are on the held-out pairs with delta_ref < 0.
 COLUMNS = (
     ("acc", "accuracy"),
     ("U-frac", "u_fraction"),
-    ("target|ref-wrong", "mean_target_ref_misaligned"),
-    ("dpi|ref-wrong", "mean_delta_pi_ref_misaligned"),
+    ("target|wrong", "mean_target_ref_misaligned"),
+    ("dpi|wrong", "mean_delta_pi_ref_misaligned"),
     ("predicted", "predicted_mean_delta_pi_ref_misaligned"),
-    ("cpo_gamma", "cpo_gamma"),
 )
-METHOD_WIDTH, CELL_WIDTH = 18, 17
+#: Widths that keep a table within about 100 columns (a docs page shows about that many without scrolling).
+METHOD_WIDTH, CELL_WIDTH = 17, 16
 
 
 def reference_report_lines(entry: dict[str, Any], args) -> list[str]:
@@ -202,30 +203,41 @@ def format_corruption_table(entry: dict[str, Any], args) -> str:
         *reference_report_lines(entry, args),
         "",
         f"{'method':<{METHOD_WIDTH}}" + "".join(f"{title:>{CELL_WIDTH}}" for title, _ in COLUMNS),
-        f"{'reference (SFT)':<{METHOD_WIDTH}}{fmt(ref['accuracy']):>{CELL_WIDTH}}{'0':>{CELL_WIDTH}}"
-        f"{'-':>{CELL_WIDTH}}{fmt(ref.get('mean_delta_ref_misaligned')):>{CELL_WIDTH}}{'-':>{CELL_WIDTH}}"
-        f"{'-':>{CELL_WIDTH}}",
+        _reference_row(ref),
     ]
     for name, row in summary["methods"].items():
         cells = "".join(f"{fmt(row.get(key)):>{CELL_WIDTH}}" for _, key in COLUMNS)
         lines.append(f"{name:<{METHOD_WIDTH}}{cells}")
+    auto = summary["methods"].get("CPO-auto")
+    if auto is not None and auto.get("cpo_gamma") is not None:
+        lines.append(
+            _wrap(
+                f"CPO-auto's cpo_gamma, chosen by its trainer (cpo_auto_gamma {args.cpo_auto_gamma:g}): "
+                f"{fmt(auto['cpo_gamma'])} (the other CPO rows: {args.cpo_gamma:g})."
+            )
+        )
     return "\n".join(lines)
 
 
+def _reference_row(ref: dict[str, Any]) -> str:
+    cells = (fmt(ref["accuracy"]), "0", "-", fmt(ref.get("mean_delta_ref_misaligned")), "-")
+    return f"{'reference (SFT)':<{METHOD_WIDTH}}" + "".join(f"{cell:>{CELL_WIDTH}}" for cell in cells)
+
+
 def format_sweep_table(results: Sequence[dict[str, Any]], methods: Sequence[str]) -> str:
-    """One line per (corruption, row): the final held-out numbers with their intervals."""
+    """Per corruption ratio: the reference, then each row's final held-out numbers with their intervals."""
     columns = (*COLUMNS[:2], *COLUMNS[3:5])
-    lines = [
-        f"{'corruption':>10}  {'method':<18}{'ref wrong':>{CELL_WIDTH}}"
-        + "".join(f"{title:>{CELL_WIDTH}}" for title, _ in columns)
-    ]
+    lines = [f"{'ratio':<7}{'method':<{METHOD_WIDTH}}" + "".join(f"{title:>{CELL_WIDTH}}" for title, _ in columns)]
     for entry in results:
-        summary = entry["summary"]
-        wrong = fmt(summary["reference"]["misaligned_rate"])
+        ref = entry["summary"]["reference"]
+        cells = (fmt(ref["accuracy"]), "0", fmt(ref.get("mean_delta_ref_misaligned")), "-")
+        lines.append(
+            f"{entry['corruption']:<7.2f}{'reference':<{METHOD_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells)
+        )
         for name in methods:
-            row = summary["methods"][name]
+            row = entry["summary"]["methods"][name]
             cells = "".join(f"{fmt(row.get(key)):>{CELL_WIDTH}}" for _, key in columns)
-            lines.append(f"{entry['corruption']:>10.2f}  {name:<18}{wrong:>{CELL_WIDTH}}{cells}")
+            lines.append(f"{'':<7}{name:<{METHOD_WIDTH}}{cells}")
     return "\n".join(lines)
 
 
@@ -239,8 +251,8 @@ def settings_line(args) -> str:
         f"{LOSS_SPACE_SHORT}; label noise {args.label_noise:g}. Rows: {rows} (cpo_gamma {args.cpo_gamma:g}, "
         f"cpo_auto_gamma {args.cpo_auto_gamma:g}, ecpoc_gamma {args.ecpoc_gamma:g}, ecpoc_tau {args.ecpoc_tau:g}, "
         f"ecpoc_alpha {args.ecpoc_alpha:g}).",
-        "acc = share of held-out pairs with delta_pi > 0; U-frac = share with delta_ref < delta_pi < 0; |ref-wrong = "
-        "on the pairs with delta_ref < 0; target = the log-odds each loss pushes delta_pi past (DPO: delta_ref); dpi = "
+        "acc = share of held-out pairs with delta_pi > 0; U-frac = share with delta_ref < delta_pi < 0; |wrong = "
+        "on the held-out pairs with delta_ref < 0; target = the log-odds each loss pushes delta_pi past (DPO: delta_ref); dpi = "
         "mean delta_pi (reference row: mean delta_ref); predicted = mean of each pair's population optimum of the "
         "row's loss under the label noise (docs/demo.md derives it).",
         f"Each cell: mean ± half-width of the {INTERVAL_NAME}.",
