@@ -192,13 +192,14 @@ def format_corruption_table(entry: dict[str, Any], args) -> str:
     ref = summary["reference"]
     first = entry["seeds"][0]
     n_corrupted = len(first["reference"]["corrupted_topics"])
+    wrong = ref.get("mean_delta_ref_misaligned")
     lines = [
         _wrap(
             f"Corruption {entry['corruption']:.2f}, seeds {', '.join(map(str, summary['seeds']))}: the reference "
             f"imitates the rejected response on {n_corrupted} of {args.num_topics} topics. On "
             f"{first['data']['eval_pairs']} held-out pairs it prefers the rejected one on "
-            f"{fmt(ref['misaligned_rate'], 1, percent=True)} (delta_ref < 0; mean delta_ref there "
-            f"{fmt(ref.get('mean_delta_ref_misaligned'), 2)})."
+            f"{fmt(ref['misaligned_rate'], 1, percent=True)} (delta_ref < 0"
+            + (f"; mean delta_ref there {fmt(wrong, 2)})." if wrong is not None else ").")
         ),
         *reference_report_lines(entry, args),
         "",
