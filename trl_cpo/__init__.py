@@ -9,7 +9,13 @@ from .cpo_trainer import CPOTrainer
 from .ecpoc_config import ECPOCConfig
 from .ecpoc_trainer import ECPOCTrainer
 from .methods import METHODS, Method
-from .reference import ReferenceLogps, compute_reference_logps, load_reference_checkpoint, save_reference_checkpoint
+from .reference import (
+    ReferenceFileError,
+    ReferenceLogps,
+    compute_reference_logps,
+    load_reference_checkpoint,
+    save_reference_checkpoint,
+)
 from .report import GammaRecommendation, ReferenceReport, recommend_cpo_gamma, reference_report, wilson_interval
 from .report_callback import ReferenceReportCallback
 
@@ -23,6 +29,7 @@ __all__ = [
     "ECPOCTrainer",
     "GammaRecommendation",
     "Method",
+    "ReferenceFileError",
     "ReferenceLogps",
     "ReferenceReport",
     "ReferenceReportCallback",
