@@ -13,6 +13,7 @@ saving all stay DPOTrainer's. What the shift would distort, the `rewards/*` metr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from ._config_utils import from_dpo_config, logger
+from .data import describe_pair_difference, fingerprint, pair_digests
 from .logps import completion_lengths, is_length_normalized, to_loss_space
 from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
@@ -178,6 +180,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
         reference = compute_reference_logps(
             self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
         )
+        reference.row_digests = pair_digests(dataset)
         if is_train:
             self.train_reference_logps = reference
             self._choose_method_settings(reference)
@@ -279,11 +282,8 @@ class _ReferenceMarginTrainer(DPOTrainer):
             )
             os.makedirs(folder, exist_ok=True)
             evals = {f"eval/{name}": reference for name, reference in self.eval_reference_logps.items()}
-            save_reference_checkpoint(
-                folder,
-                {"train": self.train_reference_logps, **evals},
-                metadata={"method": self.method.name, "settings": self.method.settings(self.args)},
-            )
+            splits = {"train": self.train_reference_logps, **evals}
+            save_reference_checkpoint(folder, splits, metadata=self._reference_metadata(splits))
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -294,18 +294,81 @@ class _ReferenceMarginTrainer(DPOTrainer):
             self._restore_reference(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _margin_settings(self) -> dict[str, object]:
+        """The settings that shape the per-pair margin: a resumed run must use the same ones (checked on resume).
+
+        The method, its fields, `beta`, `loss_type` (the log-prob space) and the truncation that decides which tokens
+        the reference scored. The token ids themselves are bound by the pairs' digests.
+        """
+        loss_type = [self.args.loss_type] if isinstance(self.args.loss_type, str) else list(self.args.loss_type)
+        return {
+            "method": self.method.name,
+            "beta": self.args.beta,
+            "loss_type": loss_type,
+            "max_length": self.args.max_length,
+            "truncation_mode": self.args.truncation_mode,
+            **self.method.settings(self.args),
+        }
+
+    def _reference_metadata(self, splits: dict[str, ReferenceLogps]) -> dict[str, object]:
+        return {
+            "method": self.method.name,
+            "settings": self.method.settings(self.args),
+            "margin_settings": self._margin_settings(),
+            "fingerprints": {
+                name: fingerprint(reference.row_digests)
+                for name, reference in splits.items()
+                if reference.row_digests is not None
+            },
+        }
+
+    def _check_checkpoint_binding(self, checkpoint: str, saved: ReferenceLogps, metadata: dict) -> None:
+        """Refuse a resume whose train pairs (token ids, order) or margin settings differ from the checkpoint's."""
+        current = self.train_reference_logps
+        problems = []
+        if saved.row_digests is not None and current.row_digests is not None:
+            difference = describe_pair_difference(saved.row_digests, current.row_digests)
+        else:
+            logger.warning(
+                "Checkpoint %s predates data fingerprints: only the number of pairs and their completion lengths can "
+                "be compared with this train_dataset.",
+                checkpoint,
+            )
+            difference = (
+                None
+                if saved.same_pairs(current)
+                else (f"trained on {len(saved)} pairs whose completion lengths differ from these {len(current)}")
+            )
+        if difference:
+            problems.append(f"data: {difference} (pairs counted after TRL's tokenization and max_length filter)")
+        saved_settings = metadata.get("margin_settings")
+        if isinstance(saved_settings, dict):
+            now = json.loads(json.dumps(self._margin_settings()))  # the form the file stores (tuples become lists)
+            changed = [
+                f"{key}: {saved_settings[key]!r} in the checkpoint, {now[key]!r} now"
+                for key in now
+                if key in saved_settings and saved_settings[key] != now[key]
+            ]
+            if changed:
+                problems.append("margin settings: " + "; ".join(changed))
+        if problems:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: its reference margins belong to another run. "
+                + " ".join(f"[{problem}]" for problem in problems)
+                + ". Resuming would apply the checkpoint's per-pair margins to other pairs or under other settings. "
+                "To proceed, either resume with the same training data (the same rows in the same order, tokenizer "
+                "and max_length) and the same margin settings as the run that wrote the checkpoint, or start a new "
+                "run: drop resume_from_checkpoint, or use another output_dir."
+            )
+
     def _restore_reference(self, checkpoint: str) -> None:
         """Train (and evaluate) against the reference log-probs the checkpoint was trained with."""
         saved = load_reference_checkpoint(checkpoint)
-        self._restore_chosen_settings(read_reference_metadata(checkpoint).get("settings", {}), checkpoint)
+        metadata = read_reference_metadata(checkpoint)
         train = saved.pop("train")
         current = self.train_reference_logps
-        if current is None or not train.same_pairs(current):
-            raise ValueError(
-                f"Checkpoint {checkpoint} was trained on other pairs than this trainer's train_dataset (it holds "
-                f"reference log-probs for {len(train)} pairs whose completion lengths differ from these "
-                f"{len(self.train_dataset)}). Resume with the same training data, in the same order."
-            )
+        self._check_checkpoint_binding(checkpoint, train, metadata)
+        self._restore_chosen_settings(metadata.get("settings", {}), checkpoint)
         drift = max((train.chosen - current.chosen).abs().max(), (train.rejected - current.rejected).abs().max())
         if drift > 1e-4:
             logger.warning(

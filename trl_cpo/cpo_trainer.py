@@ -55,6 +55,13 @@ class CPOTrainer(_ReferenceMarginTrainer):
         )
         self.args.cpo_gamma = recommendation.gamma
 
+    def _margin_settings(self) -> dict[str, object]:
+        settings = {**super()._margin_settings(), "cpo_auto_gamma": self.args.cpo_auto_gamma}
+        if self.args.cpo_auto_gamma is not None:
+            # cpo_gamma was chosen from the data, and a resumed run takes the checkpoint's back: compare the share.
+            del settings["cpo_gamma"]
+        return settings
+
     def _restore_chosen_settings(self, saved_settings: dict, checkpoint: str) -> None:
         # A cpo_gamma chosen by cpo_auto_gamma is part of the run: a resumed run keeps the checkpoint's value rather
         # than re-choosing it from a reference that may have been rebuilt slightly differently.

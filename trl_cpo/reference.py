@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
@@ -41,6 +41,9 @@ class ReferenceLogps:
     rejected: torch.Tensor
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
+    #: One int64 digest per pair of its token ids (`trl_cpo.data.pair_digests`), when known: what binds a checkpoint's
+    #: reference to the pairs it was computed on.
+    row_digests: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.chosen.numel()
@@ -59,7 +62,10 @@ class ReferenceLogps:
         return chosen - rejected
 
     def same_pairs(self, other: ReferenceLogps) -> bool:
-        """Whether `other` was computed on the same pairs: same count and the same completion lengths, row by row."""
+        """Whether `other` was computed on the same pairs: the same token ids row by row where both carry digests,
+        else (files written before digests) the same count and the same completion lengths, row by row."""
+        if self.row_digests is not None and other.row_digests is not None:
+            return torch.equal(self.row_digests, other.row_digests)
         return (
             len(self) == len(other)
             and torch.equal(self.chosen_lengths, other.chosen_lengths)
@@ -134,8 +140,8 @@ def checkpoint_reference_path(checkpoint_dir: str) -> str:
     return os.path.join(checkpoint_dir, REFERENCE_FILE)
 
 
-#: The per-pair tensors of each split, in file order (all float32, one value per pair).
-_LOGPS_FIELDS = tuple(field.name for field in fields(ReferenceLogps))
+#: The per-pair tensors of each split (all float32, one value per pair); `row_digests` (int64) is optional.
+_LOGPS_FIELDS = ("chosen", "rejected", "chosen_lengths", "rejected_lengths")
 _TEMP_PREFIX = f".{REFERENCE_FILE}."
 _TEMP_SUFFIX = ".tmp"
 
@@ -171,6 +177,8 @@ def save_reference_checkpoint(
     for index, reference in enumerate(splits.values()):
         for name in _LOGPS_FIELDS:
             tensors[f"{index}.{name}"] = getattr(reference, name).detach().to("cpu", torch.float32).contiguous()
+        if reference.row_digests is not None:
+            tensors[f"{index}.row_digests"] = reference.row_digests.detach().to("cpu", torch.int64).contiguous()
     header = {"splits": json.dumps(names), "trl_cpo": json.dumps(metadata or {})}
     path = checkpoint_reference_path(checkpoint_dir)
     temporary = os.path.join(checkpoint_dir, f"{_TEMP_PREFIX}{os.getpid()}{_TEMP_SUFFIX}")
@@ -283,7 +291,14 @@ def _check_split(path: str, name: str, index: int, tensors: dict[str, torch.Tens
             raise ReferenceFileError(
                 path, f"split {name!r}: {field_name} must hold completion token counts (integers >= 0)"
             )
-    return ReferenceLogps(**values)
+    digests = tensors.get(f"{index}.row_digests")
+    if digests is not None and (digests.dtype != torch.int64 or tuple(digests.shape) != (len(values["chosen"]),)):
+        raise ReferenceFileError(
+            path,
+            f"split {name!r}: row_digests must be int64 with one value per pair ({len(values['chosen'])}), got "
+            f"{str(digests.dtype).removeprefix('torch.')} of shape {tuple(digests.shape)}",
+        )
+    return ReferenceLogps(**values, row_digests=digests)
 
 
 def read_reference_metadata(checkpoint_dir: str) -> dict[str, object]:
