@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 
 import pytest
@@ -19,7 +20,7 @@ from datasets import Dataset
 from helpers import cpu_args
 
 from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
-from trl_cpo.reference import read_reference_metadata
+from trl_cpo.reference import REFERENCE_FILE, read_reference_metadata
 from trl_cpo.tiny import build_tiny_llama
 
 SAVE = dict(max_steps=2, save_strategy="steps", save_steps=2)
@@ -153,8 +154,6 @@ def test_a_checkpoint_written_before_fingerprints_still_resumes_with_a_warning(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from trl_cpo.reference import REFERENCE_FILE
-
     folder, rows = checkpoint
     old = shutil.copytree(folder, tmp_path / "old-checkpoint-2")
     path = str(old / REFERENCE_FILE)
@@ -169,3 +168,143 @@ def test_a_checkpoint_written_before_fingerprints_still_resumes_with_a_warning(
     assert any("predates data fingerprints" in r.message for r in caplog.records)
     with pytest.raises(ValueError, match="completion lengths differ"):
         resume(tokenizer, old, rows[1:] + rows[:1], tmp_path)
+
+
+# -- checkpoints that survive a kill at any moment (issue 10 item 5) ---------------------------------------------------
+
+KILL_POINTS = ("start", "model", "state", "rename")
+
+
+def test_a_run_killed_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(model_dir, tmp_path):
+    """Real processes, really killed: each child trains CPO (6 steps, checkpoints every 2) and blocks at one point of
+    the save of checkpoint-4 until SIGKILL; one fresh process then trains an uninterrupted baseline and resumes every
+    killed run with resume_from_checkpoint=True. Every resumed run must end on the baseline's weights, bit for bit
+    (fp32 on CPU, no dropout, the Trainer restores RNG and data order)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, subprocess_env
+    from safetensors.torch import load_file
+
+    worker = REPO / "tests" / "scripts" / "resume_worker.py"
+    Dataset.from_list(make_pairs(16, seed=0)).save_to_disk(str(tmp_path / "data"))
+    spec = {
+        "model_dir": model_dir,
+        "data_dir": str(tmp_path / "data"),
+        "max_steps": 6,
+        "save_steps": 2,
+        "kill_step": 4,
+        "baseline_dir": str(tmp_path / "baseline"),
+        "report": str(tmp_path / "finish.json"),
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    runs = {point: str(tmp_path / f"killed-at-{point}") for point in KILL_POINTS}
+    children = {
+        point: subprocess.Popen(
+            [sys.executable, str(worker), "run", str(tmp_path / "spec.json"), run_dir, point],
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for point, run_dir in runs.items()
+    }
+    try:
+        deadline = time.monotonic() + 300
+        for point, child in children.items():
+            while not os.path.exists(runs[point] + ".blocked"):
+                assert child.poll() is None, f"{point}: the child exited early:\n{child.stderr.read()[-3000:]}"
+                assert time.monotonic() < deadline, f"{point}: the child never reached its point"
+                time.sleep(0.2)
+            os.kill(child.pid, signal.SIGKILL)
+            assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+    checkpoint = {point: os.path.join(run_dir, "checkpoint-4") for point, run_dir in runs.items()}
+    listing = {point: sorted(os.listdir(path)) if os.path.isdir(path) else [] for point, path in checkpoint.items()}
+    assert "model.safetensors" not in listing["start"] and "trainer_state.json" not in listing["model"]
+    assert "trainer_state.json" in listing["state"] and REFERENCE_FILE not in listing["state"]
+    assert REFERENCE_FILE not in listing["rename"] and any(n.endswith(".tmp") for n in listing["rename"])
+
+    finish = subprocess.run(
+        [sys.executable, str(worker), "finish", str(tmp_path / "spec.json"), *runs.values()],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert finish.returncode == 0, finish.stderr[-5000:]
+    report = json.loads((tmp_path / "finish.json").read_text())
+    baseline = load_file(os.path.join(spec["baseline_dir"], "final.safetensors"))
+    assert report[spec["baseline_dir"]]["steps"] == [1, 2, 3, 4, 5, 6]
+    for point, run_dir in runs.items():
+        result = report[run_dir]
+        assert "error" not in result, (point, result)
+        warnings = " ".join(result["warnings"])
+        if point in ("start", "model"):
+            # resumed from checkpoint-2: steps 3..6 trained again; the incomplete folder is named
+            assert result["steps"][-4:] == [3, 4, 5, 6], (point, result)
+            if listing[point]:
+                assert "checkpoint-4" in warnings and "incomplete" in warnings, (point, warnings)
+        else:
+            # resumed from checkpoint-4, whose reference file was not written: recomputed from the model, with a warning
+            assert result["steps"][-2:] == [5, 6], (point, result)
+            assert REFERENCE_FILE in warnings and "recomputed" in warnings, (point, warnings)
+        final = load_file(os.path.join(run_dir, "final.safetensors"))
+        for name, value in baseline.items():
+            assert torch.equal(final[name], value), (point, name, (final[name] - value).abs().max())
+
+
+def _folder(root, name, *files):
+    path = root / name
+    path.mkdir()
+    for file in files:
+        (path / file).write_text("x")
+    return str(path)
+
+
+def test_resume_true_takes_the_newest_complete_checkpoint_and_names_the_skipped_ones(tmp_path, caplog):
+    from trl_cpo.checkpoints import last_complete_checkpoint
+
+    _folder(tmp_path, "checkpoint-2", "model.safetensors", "trainer_state.json", REFERENCE_FILE)
+    _folder(tmp_path, "checkpoint-10", REFERENCE_FILE)  # the issue's repro: only the reference file
+    _folder(tmp_path, "checkpoint-6", "model.safetensors", "optimizer.pt")  # killed before trainer_state.json
+    _folder(tmp_path, "checkpoint-4", "adapter_model.safetensors", "trainer_state.json")  # complete (PEFT)
+    with caplog.at_level(logging.WARNING, logger="trl_cpo"):
+        assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert (
+        "checkpoint-10 (it has no model weights" in message and "checkpoint-6 (it has no trainer_state.json" in message
+    )
+
+
+def test_resume_true_with_only_incomplete_checkpoints_says_so(tmp_path):
+    from trl_cpo.checkpoints import last_complete_checkpoint
+
+    _folder(tmp_path, "checkpoint-2", REFERENCE_FILE)
+    with pytest.raises(
+        ValueError, match="no checkpoint in .* is complete: .*checkpoint-2.*without resume_from_checkpoint"
+    ):
+        last_complete_checkpoint(str(tmp_path))
+    with pytest.raises(ValueError, match="has no checkpoint-N folder"):
+        last_complete_checkpoint(str(tmp_path / "empty"))
+
+
+def test_an_explicit_incomplete_checkpoint_is_refused_before_training(tokenizer, train_dataset, tmp_path):
+    """Without this, the Trainer loads the half-saved weights and, with no trainer_state.json, restarts at step 0."""
+    folder = _folder(tmp_path, "checkpoint-4", "model.safetensors", "optimizer.pt")
+    trainer = CPOTrainer(
+        model=build_tiny_llama(tokenizer),
+        args=CPOConfig(**cpu_args(tmp_path, max_steps=2)),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    with pytest.raises(ValueError, match="checkpoint-4: it has no trainer_state.json.*resume_from_checkpoint=True"):
+        trainer.train(resume_from_checkpoint=folder)
+    assert trainer.state.global_step == 0

@@ -323,7 +323,7 @@ def test_resume_restores_eval_references_even_for_an_eval_set_named_train(tokeni
         )
 
 
-def test_checkpoint_holds_the_reference_before_it_is_pushed(model, tokenizer, train_dataset, tmp_path, monkeypatch):
+def test_checkpoint_holds_the_reference_before_it_is_pushed(model, tokenizer, train_dataset, tmp_path):
     seen = []
     trainer = CPOTrainer(
         model=model,
@@ -331,16 +331,18 @@ def test_checkpoint_holds_the_reference_before_it_is_pushed(model, tokenizer, tr
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
-    # hub_strategy="checkpoint" uploads the folder from inside Trainer._save_checkpoint
-    original = trainer._save_optimizer_and_scheduler
+    # hub_strategy="checkpoint" uploads the folder from inside Trainer._save_checkpoint, once it is otherwise complete;
+    # push_to_hub is switched on after __init__ so that no Hub repository is created.
+    trainer.args.push_to_hub = True
 
     def record(output_dir):
-        seen.append(os.path.isfile(os.path.join(output_dir, REFERENCE_FILE)))
-        return original(output_dir)
+        seen.append(sorted(os.listdir(output_dir)))
 
-    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", record)
+    trainer._push_from_checkpoint = record
     trainer.train()
-    assert seen == [True]
+    assert len(seen) == 1
+    assert {REFERENCE_FILE, "trainer_state.json", "model.safetensors"} <= set(seen[0])
+    assert trainer._push_from_checkpoint is record  # the wrapper is gone once the save is done
 
 
 def test_bf16_training_stays_finite(model, tokenizer, train_dataset, tmp_path):

@@ -21,17 +21,19 @@ from typing import Any
 
 import torch
 from datasets import IterableDataset
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from ._config_utils import from_dpo_config, logger
+from .checkpoints import complete_checkpoint_problem, last_complete_checkpoint, write_before_checkpoint_push
 from .data import describe_pair_difference, fingerprint, pair_digests
 from .logps import completion_lengths, is_length_normalized, to_loss_space
 from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import insert_card_section, method_card_section
 from .reference import (
+    REFERENCE_FILE,
     ReferenceLogps,
     checkpoint_reference_path,
     compute_reference_logps,
@@ -274,24 +276,51 @@ class _ReferenceMarginTrainer(DPOTrainer):
     # -- checkpoints and resume ---------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
-        # Written before the parent saves the checkpoint, because with `hub_strategy="checkpoint"` the parent also
-        # pushes the folder: the reference log-probs must already be in it.
-        if self.is_world_process_zero() and self.train_reference_logps is not None:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            os.makedirs(folder, exist_ok=True)
+        # The reference file is written last, once the Trainer has written the model, optimizer, RNG and
+        # trainer_state.json (so a folder holding it is complete), and before the Hub push of the folder
+        # (`hub_strategy="checkpoint"` uploads it from inside the parent's `_save_checkpoint`).
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        written = False
+
+        def write_reference():
+            nonlocal written
+            if not written:
+                written = True
+                self._save_reference_file(folder)
+
+        with write_before_checkpoint_push(self, write_reference):
+            super()._save_checkpoint(model, trial)
+        write_reference()
+
+    def _save_reference_file(self, folder: str) -> None:
+        if self.args.should_save and self.train_reference_logps is not None and os.path.isdir(folder):
             evals = {f"eval/{name}": reference for name, reference in self.eval_reference_logps.items()}
             splits = {"train": self.train_reference_logps, **evals}
             save_reference_checkpoint(folder, splits, metadata=self._reference_metadata(splits))
-        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, str) and os.path.isfile(checkpoint_reference_path(checkpoint)):
-            self._restore_reference(checkpoint)
+        if resume_from_checkpoint is True:
+            # Resolved here rather than by the Trainer, whose choice (the highest step) may be a folder a kill left
+            # incomplete: the newest complete one is taken, and the skipped ones are named.
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
+            problem = complete_checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                raise ValueError(
+                    f"Cannot resume from {resume_from_checkpoint}: {problem}. Pass an earlier checkpoint, or "
+                    "resume_from_checkpoint=True, which takes the newest complete one."
+                )
+            if os.path.isfile(checkpoint_reference_path(resume_from_checkpoint)):
+                self._restore_reference(resume_from_checkpoint)
+            else:
+                logger.warning(
+                    "Checkpoint %s has no %s (its save was interrupted just before that last file, or it was "
+                    "deleted): the reference log-probs are recomputed from the model given to this trainer, and "
+                    "the pairs cannot be checked against the checkpoint's. Pass the model the run started from to "
+                    "get the same margins.",
+                    resume_from_checkpoint,
+                    REFERENCE_FILE,
+                )
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _margin_settings(self) -> dict[str, object]:
