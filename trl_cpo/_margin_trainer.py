@@ -13,6 +13,7 @@ saving all stay DPOTrainer's. What the shift would distort, the `rewards/*` metr
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -20,14 +21,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from ._config_utils import from_dpo_config, logger
 from .checkpoints import complete_checkpoint_problem, last_complete_checkpoint, write_before_checkpoint_push
-from .data import describe_pair_difference, fingerprint, pair_digests
+from .data import (
+    LengthReport,
+    describe_pair_difference,
+    fingerprint,
+    pair_digests,
+    pair_lengths,
+    token_lengths,
+    validate_preference_dataset,
+)
 from .logps import completion_lengths, is_length_normalized, to_loss_space
 from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
@@ -49,6 +58,8 @@ from .report_callback import _ReferenceReportLogger, announce_report
 MARGIN_COLUMN = "reference_margin"
 #: Columns DPOTrainer reads its precomputed reference log-probs from (summed over completion tokens).
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+#: Temporary column that tells which rows TRL's length filter kept (removed before the dataset is used).
+_ROW_COLUMN = "__trl_cpo_row__"
 
 
 @dataclass
@@ -119,6 +130,9 @@ class _ReferenceMarginTrainer(DPOTrainer):
                 "margin is precomputed per pair before training, which an IterableDataset cannot hold. Materialize it "
                 "with `Dataset.from_generator(...)` or load it without `streaming=True`."
             )
+        self._validate_datasets(train_dataset, eval_dataset)
+        #: What `max_length` dropped or truncated in each prepared dataset (`trl_cpo.data.LengthReport`), by name.
+        self.length_reports: dict[str, LengthReport] = {}
         #: Reference log-probs of the train set and of each eval set (keyed like DPOTrainer names them: "eval", or
         #: the keys of an eval dict), filled by the precompute.
         self.train_reference_logps: ReferenceLogps | None = None
@@ -137,6 +151,66 @@ class _ReferenceMarginTrainer(DPOTrainer):
         self.data_collator = ReferenceMarginCollator(self.data_collator)
         self._policy_logps = _PolicyLogpsRecorder(self.model)
         self.add_callback(_ReferenceReportLogger(self))
+
+    @staticmethod
+    def _validate_datasets(train_dataset, eval_dataset) -> None:
+        """The raw-data checks of `trl_cpo.data` (shared with the audit), before TRL tokenizes anything."""
+        validate_preference_dataset(train_dataset, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            for key, dataset in eval_dataset.items():
+                validate_preference_dataset(dataset, f"eval_dataset[{key!r}]")
+        elif not isinstance(eval_dataset, str) and not (
+            # Datasets this trainer prepared already passed (e.g. `evaluate(trainer.eval_dataset)`).
+            hasattr(eval_dataset, "column_names") and "prompt_ids" in eval_dataset.column_names
+        ):
+            validate_preference_dataset(eval_dataset, "eval_dataset")
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if eval_dataset is not None:
+            self._validate_datasets(None, eval_dataset)
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # TRL's preparation, unchanged, plus the count of what `max_length` drops and truncates (`LengthReport`),
+        # logged once per dataset; a dataset left empty is refused here rather than failing in the precompute.
+        if not isinstance(dataset, Dataset) or args.max_length is None or len(dataset) == 0:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        indexed = dataset.add_column(_ROW_COLUMN, list(range(len(dataset))))
+        prepared = super()._prepare_dataset(indexed, processing_class, args, dataset_name)
+        kept = prepared[_ROW_COLUMN]
+        prepared = prepared.remove_columns(_ROW_COLUMN)
+        dropped = sorted(set(range(len(dataset))) - set(kept))
+        dropped_prompt_lengths, dropped_pair_lengths = [], []
+        if dropped:
+            # The dropped pairs' lengths, to say which max_length keeps them: the same preparation without the filter,
+            # on those pairs only.
+            unfiltered = copy.copy(args)
+            unfiltered.max_length = None
+            lost = super()._prepare_dataset(dataset.select(dropped), processing_class, unfiltered, dataset_name)
+            dropped_prompt_lengths = token_lengths(lost, "prompt_ids").tolist()
+            dropped_pair_lengths = pair_lengths(lost).tolist()
+        report = LengthReport(
+            name=self._dataset_label(dataset_name),
+            max_length=args.max_length,
+            num_pairs=len(dataset),
+            dropped_rows=dropped,
+            dropped_prompt_lengths=dropped_prompt_lengths,
+            dropped_pair_lengths=dropped_pair_lengths,
+            kept_pair_lengths=pair_lengths(prepared).tolist() if len(prepared) else [],
+        )
+        if len(prepared) == 0:
+            raise report.all_dropped_error()
+        message = report.message()
+        if message and args.should_log and report != self.length_reports.get(dataset_name):
+            logger.warning(message)
+        self.length_reports[dataset_name] = report
+        return prepared
+
+    @staticmethod
+    def _dataset_label(dataset_name: str) -> str:
+        return {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name, f"eval_dataset[{dataset_name!r}]")
 
     @classmethod
     def _resolve_args(cls, args, model):

@@ -233,42 +233,19 @@ def _is_empty(value: Any) -> bool:
 
 
 def prepare_pairs(dataset, path: str):
-    """Check the preference columns, make the prompt explicit (as TRL would) and reject empty completions."""
+    """Check the preference data with the trainers' validator (`trl_cpo.data`) and make the prompt explicit, as TRL
+    would."""
     from trl.data_utils import extract_prompt
 
-    if len(dataset) == 0:
-        raise AuditError(f"--dataset_name {path} has no rows.")
-    missing = [column for column in ("chosen", "rejected") if column not in dataset.column_names]
-    if missing:
-        raise AuditError(
-            f"--dataset_name {path} has no column {' or '.join(repr(c) for c in missing)} (its columns: "
-            f"{dataset.column_names}). A preference dataset needs 'chosen' and 'rejected' (and optionally 'prompt'); "
-            "rename the columns that hold the preferred and dispreferred responses, e.g. "
-            "dataset.rename_column('response_a', 'chosen')."
-        )
-    for column in ("prompt", "chosen", "rejected"):
-        if column not in dataset.column_names:
-            continue
-        bad = [i for i, value in enumerate(dataset[column]) if not isinstance(value, (str, list))]
-        if bad:
-            shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
-            raise AuditError(
-                f"--dataset_name {path}: column {column!r} holds {type(dataset[column][bad[0]]).__name__} values at "
-                f"row(s) {shown}; it must hold text (standard format) or a list of {{'role', 'content'}} messages "
-                "(conversational format). Fix or drop those rows."
-            )
+    from .data import validate_preference_dataset
+
+    try:
+        validate_preference_dataset(dataset, f"--dataset_name {path}")
+    except ValueError as error:
+        raise AuditError(str(error)) from None
     if "prompt" not in dataset.column_names:
         # Implicit prompt: the shared beginning of chosen and rejected, split off exactly as DPOTrainer does.
         dataset = dataset.map(extract_prompt, desc="Extracting the implicit prompt")
-    for column in ("chosen", "rejected"):
-        empty = [i for i, value in enumerate(dataset[column]) if _is_empty(value)]
-        if empty:
-            shown = ", ".join(str(i) for i in empty[:10]) + (", ..." if len(empty) > 10 else "")
-            raise AuditError(
-                f"--dataset_name {path}: column {column!r} has {len(empty)} empty completion(s) (after splitting off "
-                f"the prompt), at row(s) {shown}. An empty completion has no log-probability to compare; drop these "
-                f"rows, e.g. dataset.filter(lambda row: row[{column!r}]), and run the audit again."
-            )
     return dataset
 
 
