@@ -191,3 +191,69 @@ def test_resume_from_a_checkpoint_with_a_nan_reference_stops_before_training(tok
     assert resumed.state.global_step == 0
     assert not (tmp_path / "checkpoint-4").exists()
     assert all(torch.isfinite(p).all() for p in resumed.model.parameters())
+
+
+# -- NaN guard (issue 10 item 7) ----------------------------------------------------------------------------------------
+
+
+def _nan_run(tokenizer, train_dataset, tmp_path, *, stop_on_nonfinite, inject):
+    from trl_cpo._margin_trainer import MARGIN_COLUMN
+    from trl_cpo.reference import with_columns
+
+    trainer = CPOTrainer(
+        model=build_tiny_llama(tokenizer),
+        args=CPOConfig(
+            **cpu_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=1),
+            stop_on_nonfinite=stop_on_nonfinite,
+        ),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    if inject == "margin":
+        # What an unchecked damaged reference did: one pair's margin is NaN (validation bypassed on purpose).
+        margin = torch.tensor(trainer.train_dataset[MARGIN_COLUMN])
+        margin[7] = float("nan")
+        trainer.train_dataset = with_columns(trainer.train_dataset, {MARGIN_COLUMN: margin})
+    else:
+        # A forward that overflows from the third step on (as fp16 can): the margin stays finite, the loss does not.
+        def overflow(module, args, output):
+            if torch.is_grad_enabled() and trainer.state.global_step >= 2:
+                return output * float("inf")
+
+        trainer.model.model.embed_tokens.register_forward_hook(overflow)
+    return trainer
+
+
+def _checkpoint_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    return {
+        int(p.name.split("-")[1]): load_file(str(p / "model.safetensors"))
+        for p in sorted(tmp_path.glob("checkpoint-*"))
+    }
+
+
+@pytest.mark.parametrize("inject, what", [("margin", "reference margin"), ("loss", "loss")])
+def test_a_non_finite_step_stops_training_before_any_checkpoint_holds_it(
+    tokenizer, train_dataset, tmp_path, inject, what
+):
+    trainer = _nan_run(tokenizer, train_dataset, tmp_path, stop_on_nonfinite=True, inject=inject)
+    with pytest.raises(FloatingPointError) as info:
+        trainer.train()
+    message = str(info.value)
+    failing_step = trainer.state.global_step + 1
+    assert f"Non-finite {what}" in message and f"step {failing_step}" in message and "stop_on_nonfinite" in message
+    saved = _checkpoint_weights(tmp_path)
+    assert sorted(saved) == list(range(1, failing_step)), "every step before the failing one, and none after"
+    for step, weights in saved.items():
+        assert all(torch.isfinite(w).all() for w in weights.values()), step
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("inject", ["margin", "loss"])
+def test_with_the_guard_off_trl_behaviour_is_kept(tokenizer, train_dataset, tmp_path, inject):
+    trainer = _nan_run(tokenizer, train_dataset, tmp_path, stop_on_nonfinite=False, inject=inject)
+    trainer.train()
+    saved = _checkpoint_weights(tmp_path)
+    assert sorted(saved) == [1, 2, 3, 4]
+    assert any(not torch.isfinite(w).all() for w in saved[4].values()), "TRL trains the NaN into the weights"

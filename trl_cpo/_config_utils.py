@@ -126,6 +126,15 @@ class _ReferenceMarginConfig(DPOConfig):
         },
     )
 
+    stop_on_nonfinite: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training with an error when a training step's loss or reference margin is NaN or inf, "
+            "before that step updates the weights (so no checkpoint holds NaN weights). False keeps TRL's behaviour: "
+            "the step runs, the Trainer logs a filtered loss, and the weights can become NaN."
+        },
+    )
+
     def __post_init__(self):
         self._check_method_hyperparameters()
         validate_dpo_fields(self)

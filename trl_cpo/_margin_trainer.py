@@ -307,6 +307,8 @@ class _ReferenceMarginTrainer(DPOTrainer):
         shifted["ref_chosen_logps"] = inputs["ref_chosen_logps"] + shift
         with self._policy_logps.recording():
             result = super().compute_loss(model, shifted, return_outputs, num_items_in_batch)
+        if mode == "train" and self.args.stop_on_nonfinite:
+            self._stop_on_nonfinite(result[0] if return_outputs else result, margin)
         policy_chosen, policy_rejected = self._policy_logps.sequence_logps(inputs["completion_mask"])
         self._log_reference_metrics(
             mode,
@@ -319,6 +321,30 @@ class _ReferenceMarginTrainer(DPOTrainer):
             margin.float(),
         )
         return result
+
+    @torch.no_grad()
+    def _stop_on_nonfinite(self, loss: torch.Tensor, margin: torch.Tensor) -> None:
+        """Raise before a non-finite loss or margin reaches the backward pass (config `stop_on_nonfinite`).
+
+        Runs on every process's micro-batch and gathers the verdict, so all processes stop together (a lone rank
+        raising would leave the others waiting in the gradient all-reduce).
+        """
+        flags = torch.stack([~torch.isfinite(margin).all(), ~torch.isfinite(loss).all()]).float().to(loss.device)
+        margin_bad, loss_bad = self.accelerator.gather(flags.unsqueeze(0)).amax(dim=0).tolist()
+        if not (margin_bad or loss_bad):
+            return
+        what = "reference margin" if margin_bad else "loss"
+        cause = (
+            "the per-pair margins come from the reference log-probs: a damaged reference file or data"
+            if margin_bad
+            else "fp16 overflow (use bf16 or fp32), a learning rate that diverges, or bad inputs"
+        )
+        raise FloatingPointError(
+            f"Non-finite {what} (NaN or inf) at training step {self.state.global_step + 1}: training stopped before "
+            "this step updates the weights, so no checkpoint holds NaN weights. Likely cause: "
+            f"{cause}. Fix it and resume from the last checkpoint (resume_from_checkpoint=True). Set "
+            "stop_on_nonfinite=False to keep TRL's behaviour instead (the step runs and the weights can become NaN)."
+        )
 
     @torch.no_grad()
     def _log_reference_metrics(self, mode, *per_pair: torch.Tensor) -> None:
