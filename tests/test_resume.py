@@ -297,7 +297,8 @@ def test_resume_true_with_only_incomplete_checkpoints_says_so(tmp_path):
 
 
 def test_an_explicit_incomplete_checkpoint_is_refused_before_training(tokenizer, train_dataset, tmp_path):
-    """Without this, the Trainer loads the half-saved weights and, with no trainer_state.json, restarts at step 0."""
+    """Without this, the Trainer loads the half-saved weights, then fails on the missing trainer_state.json with a bare
+    FileNotFoundError that says nothing of an interrupted save."""
     folder = _folder(tmp_path, "checkpoint-4", "model.safetensors", "optimizer.pt")
     trainer = CPOTrainer(
         model=build_tiny_llama(tokenizer),
