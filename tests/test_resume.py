@@ -309,3 +309,30 @@ def test_an_explicit_incomplete_checkpoint_is_refused_before_training(tokenizer,
     with pytest.raises(ValueError, match="checkpoint-4: it has no trainer_state.json.*resume_from_checkpoint=True"):
         trainer.train(resume_from_checkpoint=folder)
     assert trainer.state.global_step == 0
+
+
+def test_older_checkpoints_are_deleted_only_once_the_new_one_holds_its_reference(
+    tokenizer, train_dataset, tmp_path, monkeypatch
+):
+    import transformers.trainer as trainer_module
+
+    seen = []
+    original = trainer_module.rotate_checkpoints
+
+    def record(output_dir, *args, **kwargs):
+        newest = max(
+            os.listdir(output_dir), key=lambda name: int(name.split("-")[-1]) if "checkpoint-" in name else -1
+        )
+        seen.append((newest, sorted(os.listdir(os.path.join(output_dir, newest)))))
+        return original(output_dir, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "rotate_checkpoints", record)
+    CPOTrainer(
+        model=build_tiny_llama(tokenizer),
+        args=CPOConfig(**cpu_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, save_total_limit=1)),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    ).train()
+    assert [name for name, _ in seen] == ["checkpoint-1", "checkpoint-2"]
+    assert all(REFERENCE_FILE in files and "trainer_state.json" in files for _, files in seen), seen
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]

@@ -27,7 +27,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from ._config_utils import from_dpo_config, logger
-from .checkpoints import complete_checkpoint_problem, last_complete_checkpoint, write_before_checkpoint_push
+from .checkpoints import complete_checkpoint_problem, last_complete_checkpoint, write_after_trainer_state
 from .data import (
     LengthReport,
     describe_pair_difference,
@@ -376,9 +376,9 @@ class _ReferenceMarginTrainer(DPOTrainer):
     # -- checkpoints and resume ---------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
-        # The reference file is written last, once the Trainer has written the model, optimizer, RNG and
-        # trainer_state.json (so a folder holding it is complete), and before the Hub push of the folder
-        # (`hub_strategy="checkpoint"` uploads it from inside the parent's `_save_checkpoint`).
+        # The reference file is written last, right after the Trainer's trainer_state.json (so a folder holding it is
+        # complete), and before the Hub push of the folder (`hub_strategy="checkpoint"` uploads it from inside the
+        # parent's `_save_checkpoint`) and the deletion of older checkpoints.
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         written = False
 
@@ -388,7 +388,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
                 written = True
                 self._save_reference_file(folder)
 
-        with write_before_checkpoint_push(self, write_reference):
+        with write_after_trainer_state(self, folder, write_reference):
             super()._save_checkpoint(model, trial)
         write_reference()
 

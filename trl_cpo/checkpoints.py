@@ -3,7 +3,8 @@
 `transformers.Trainer._save_checkpoint` writes a `checkpoint-N` folder in this order: model files, optimizer /
 scheduler / scaler / RNG states, `trainer_state.json`, then (with `push_to_hub`) the upload of the folder, then the
 deletion of old checkpoints beyond `save_total_limit`. The CPO / E-CPOC trainers add their reference file last,
-atomically, before the upload (`write_before_checkpoint_push`), so:
+atomically, right after `trainer_state.json` and so before the upload and the deletion (`write_after_trainer_state`),
+so:
 
 - a folder with `trainer_state.json` and model weights is complete (the Trainer wrote the state after everything
   else); `complete_checkpoint_problem` says what an incomplete one lacks;
@@ -99,28 +100,33 @@ def last_complete_checkpoint(output_dir: str) -> str:
 
 
 @contextlib.contextmanager
-def write_before_checkpoint_push(trainer, write: Callable[[], None]) -> Iterator[None]:
-    """Inside `trainer._save_checkpoint`, run `write()` right before the checkpoint folder is pushed to the Hub.
+def write_after_trainer_state(trainer, folder: str, write: Callable[[], None]) -> Iterator[None]:
+    """Inside `trainer._save_checkpoint`, run `write()` right after `trainer_state.json` is written into `folder`.
 
-    Relies on a private transformers name, here only: `Trainer._push_from_checkpoint(output_dir)`, which
-    `Trainer._save_checkpoint` (transformers/trainer.py) calls with `push_to_hub` once the model, optimizer, RNG and
-    `trainer_state.json` are written, and before it deletes old checkpoints. That call is the only point between a
-    complete folder and its upload. It is wrapped on the instance for the duration of one save, then restored. Without
-    `push_to_hub` the wrapper is never called: the caller then writes once `_save_checkpoint` returns.
+    Relies on the order of `Trainer._save_checkpoint` (transformers/trainer.py), here only: model files, optimizer /
+    scheduler / scaler / RNG states, then `self.state.save_to_json(<folder>/trainer_state.json)` on the process that
+    saves (the last file the Trainer writes), then `self._push_from_checkpoint(<folder>)` with `push_to_hub`, then the
+    deletion of old checkpoints beyond `save_total_limit`. Wrapping the state's public `save_to_json` for the duration
+    of one save puts `write` after every other file of the checkpoint and before both the upload and the deletion of
+    older checkpoints. If a later transformers stops calling it, `write` does not run here and the caller writes once
+    `_save_checkpoint` returns (still a complete folder, only no longer before the upload).
     """
-    name = "_push_from_checkpoint"
-    own = vars(trainer).get(name)  # a wrapper someone (e.g. a test) put on the instance stays in place afterwards
-    original = getattr(trainer, name)
+    state = trainer.state
+    own = vars(state).get("save_to_json")  # a wrapper someone put on this instance stays in place afterwards
+    original = state.save_to_json
+    target = os.path.abspath(folder)
 
-    def push_after_write(checkpoint_folder, *args, **kwargs):
-        write()
-        return original(checkpoint_folder, *args, **kwargs)
+    def save_to_json(json_path, *args, **kwargs):
+        result = original(json_path, *args, **kwargs)
+        if os.path.dirname(os.path.abspath(json_path)) == target:
+            write()
+        return result
 
-    setattr(trainer, name, push_after_write)
+    state.save_to_json = save_to_json
     try:
         yield
     finally:
         if own is None:
-            delattr(trainer, name)
+            del state.save_to_json
         else:
-            setattr(trainer, name, own)
+            state.save_to_json = own
