@@ -1,19 +1,21 @@
-"""Worker for tests/test_resume.py's kill tests: train CPO, block at a chosen point of a checkpoint save, resume.
+"""Worker for tests/test_resume.py's kill test: train CPO, block at a chosen point of a checkpoint save, resume.
 
-    python resume_worker.py run SPEC.json RUN_DIR POINT   # train; block at POINT of the save of checkpoint-<kill_step>
-    python resume_worker.py finish SPEC.json RUN_DIR...   # uninterrupted baseline, then resume every RUN_DIR
+    python resume_worker.py SPEC.json RUN_DIR:POINT...
 
-`run` writes `RUN_DIR.blocked` once it has reached POINT, then sleeps until the test kills it with SIGKILL. The points
-are places inside `transformers.Trainer._save_checkpoint` (and the reference file write that follows it):
+Imports the libraries once, then forks one child process per RUN_DIR that trains and blocks at POINT of the save of
+checkpoint-<kill_step>: it writes `RUN_DIR.blocked` (its pid) and sleeps until the test kills it with SIGKILL. (Forking
+after the imports spares each child the several seconds of importing torch, transformers and TRL; nothing has run
+yet at the fork.) Once the test writes SPEC's `go_file`, this process, which has trained nothing itself, reaps the
+children, trains an uninterrupted baseline and resumes every RUN_DIR with `resume_from_checkpoint=True`. The points
+are places inside `transformers.Trainer._save_checkpoint` and the reference file write:
 
 - "start": before the model of the checkpoint is saved (the folder may not exist yet);
 - "model": after the model files, before the optimizer, scheduler, RNG and trainer state;
 - "state": after trainer_state.json, before the reference file;
 - "rename": the reference file written under its temporary name, before the rename that publishes it.
 
-`finish` trains an uninterrupted baseline into SPEC's baseline dir and resumes each RUN_DIR with
-`resume_from_checkpoint=True`, all in this one fresh process; it writes each run's final weights
-(`final.safetensors`) and a `finish.json` with what each resume logged.
+It writes each run's final weights (`final.safetensors`) and SPEC's `report` (JSON): how each child ended, and what
+each resume trained and logged.
 """
 
 from __future__ import annotations
@@ -110,16 +112,41 @@ def install_block(trainer, run_dir, point, kill_step):
         raise SystemExit(f"unknown point {point!r}")
 
 
-def main(argv):
-    mode, spec_path, *run_dirs = argv
-    with open(spec_path) as f:
-        spec = json.load(f)
-    if mode == "run":
-        run_dir, point = run_dirs
+def run_child(spec, run_dir, point):
+    try:
         trainer = trainer_for(spec, run_dir)
         install_block(trainer, run_dir, point, spec["kill_step"])
         trainer.train()
-        raise SystemExit(f"the run finished without reaching {point!r}")
+        print(f"the run finished without reaching {point!r}", file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(3)
+
+
+def main(argv):
+    spec_path, *targets = argv
+    with open(spec_path) as f:
+        spec = json.load(f)
+    import torch  # noqa: F401 - imported before the fork, so the children do not pay for it
+
+    import trl_cpo  # noqa: F401
+
+    children = {}
+    for target in targets:
+        run_dir, point = target.rsplit(":", 1)
+        pid = os.fork()
+        if pid == 0:
+            run_child(spec, run_dir, point)
+        children[run_dir] = pid
+    while not os.path.exists(spec["go_file"]):
+        time.sleep(0.2)
+    report = {}
+    for run_dir, pid in children.items():
+        _, status = os.waitpid(pid, 0)
+        report[run_dir] = {"child_signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}
 
     from safetensors.torch import save_file
 
@@ -127,19 +154,19 @@ def main(argv):
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
     logging.getLogger("trl_cpo").addHandler(handler)
-    report = {}
-    for run_dir in [spec["baseline_dir"], *run_dirs]:
+    for run_dir in [spec["baseline_dir"], *children]:
         records.clear()
+        result = report.setdefault(run_dir, {})
         trainer = trainer_for(spec, run_dir)
         try:
             trainer.train(resume_from_checkpoint=run_dir != spec["baseline_dir"])
         except Exception as error:  # noqa: BLE001 - reported to the test, which decides
-            report[run_dir] = {"error": f"{type(error).__name__}: {error}", "warnings": list(records)}
+            result.update(error=f"{type(error).__name__}: {error}", warnings=list(records))
             continue
         weights = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
         save_file(weights, os.path.join(run_dir, "final.safetensors"))
         steps = [h["step"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
-        report[run_dir] = {"global_step": trainer.state.global_step, "steps": steps, "warnings": list(records)}
+        result.update(global_step=trainer.state.global_step, steps=steps, warnings=list(records))
     with open(spec["report"], "w") as f:
         json.dump(report, f, indent=1)
 
