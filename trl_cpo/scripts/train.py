@@ -214,7 +214,13 @@ def to_trainer_config(raw: CPORecipeConfig, method: str) -> DPOConfig:
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
-    return TrlParser((CPOScriptArguments, CPORecipeConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    return TrlParser(
+        (CPOScriptArguments, CPORecipeConfig, ModelConfig, DatasetMixtureConfig),
+        prog=prog,
+        description="Train with CPO, E-CPOC or the DPO baseline (--method) on TRL's DPOTrainer.",
+        epilog="Every option can also be set in a YAML file passed as --config FILE.yaml (its keys are the option "
+        "names without dashes); options given on the command line override the file.",
+    )
 
 
 def parse_args(argv: list[str] | None = None):
