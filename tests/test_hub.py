@@ -195,10 +195,10 @@ def recipe_model(tmp_path_factory):
 
 def test_recipe_push_to_hub_qlora(fake_hub, recipe_model, tmp_path, monkeypatch):
     """`trl-cpo train --push_to_hub` with QLoRA (4-bit NF4 + LoRA) uploads the adapter and a card naming the base
-    model the user names and the license: one commit, after training, from the script's own code path."""
+    model the user names and the license, at each checkpoint (hub_strategy every_save) and after training."""
     pytest.importorskip("bitsandbytes")
     monkeypatch.chdir(REPO)  # the config's dataset path is relative to the repo root
-    argv = train_script_argv(recipe_model, tmp_path / "out")
+    argv = train_script_argv(recipe_model, tmp_path / "out", "--save_strategy", "steps", "--save_steps", "1")
     argv += ["--use_peft", "--load_in_4bit", "--lora_r", "8", "--lora_target_modules", "all-linear"]
     argv += ["--push_to_hub", "--hub_model_id", "test-org/tiny-cpo-qlora", "--cpo_gamma", "0.1"]
     argv += ["--base_model_id", "example-org/tiny-llama-base", "--model_card_license", "apache-2.0"]
@@ -206,8 +206,12 @@ def test_recipe_push_to_hub_qlora(fake_hub, recipe_model, tmp_path, monkeypatch)
     assert trainer.model.get_base_model().is_loaded_in_4bit
 
     assert [r["repo_id"] for r in fake_hub.repos] == ["test-org/tiny-cpo-qlora"]
-    (commit,) = fake_hub.commits
-    assert commit["message"] == "End of training"
+    messages = [c["message"] for c in fake_hub.commits]
+    assert messages == ["Training in progress, step 1", "Training in progress, step 2", "End of training"]
+    for checkpoint_commit in fake_hub.commits[:-1]:  # the checkpoint cards carry the same metadata
+        metadata = ModelCard(checkpoint_commit["files"]["README.md"].decode()).data.to_dict()
+        assert metadata["base_model"] == "example-org/tiny-llama-base" and metadata["license"] == "apache-2.0"
+    commit = fake_hub.commits[-1]
     assert set(commit["files"]) == {
         "README.md",
         "adapter_config.json",

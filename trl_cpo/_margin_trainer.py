@@ -121,6 +121,9 @@ class _ReferenceMarginTrainer(DPOTrainer):
         self.eval_reference_logps: dict[str, ReferenceLogps] = {}
         #: What the reference says about the train set (`trl_cpo.report`), computed at the precompute.
         self.reference_report: ReferenceReport | None = None
+        #: Defaults for `create_model_card`'s keyword arguments (dataset_name, base_model_id, license, ...), so the
+        #: cards DPOTrainer writes at each checkpoint (and pushes with `hub_strategy`) are as complete as the last.
+        self.model_card_kwargs: dict[str, Any] = {}
         super().__init__(
             model,
             ref_model=ref_model,
@@ -352,13 +355,9 @@ class _ReferenceMarginTrainer(DPOTrainer):
 
         `dataset_name` is a name or a list of names; only Hub ids are linked. `base_model_id` names the Hub model a
         local base was downloaded from, and `license` sets the card's license (else the base model's own card's).
-        `push_to_hub(...)` passes its keyword arguments here.
+        `push_to_hub(...)` passes its keyword arguments here; unset ones default to `self.model_card_kwargs`.
         """
-        write_model_card(
-            self,
-            model_name=model_name,
-            dataset_name=dataset_name,
-            tags=tags,
-            base_model_id=base_model_id,
-            license=license,
+        given = dict(
+            model_name=model_name, dataset_name=dataset_name, tags=tags, base_model_id=base_model_id, license=license
         )
+        write_model_card(self, **{**self.model_card_kwargs, **{k: v for k, v in given.items() if v is not None}})

@@ -420,6 +420,13 @@ def train(script_args, training_args, model_args, dataset_args):
         peft_config=get_peft_config(model_args),
     )
 
+    # What the model card says (also on the cards written at each checkpoint).
+    trainer.model_card_kwargs.update(
+        dataset_name=card_dataset_names(script_args, dataset_args),
+        base_model_id=script_args.base_model_id,
+        license=script_args.model_card_license,
+    )
+
     if script_args.ignore_bias_buffers:
         import torch
 
@@ -436,22 +443,17 @@ def train(script_args, training_args, model_args, dataset_args):
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
-    card = dict(
-        dataset_name=card_dataset_names(script_args, dataset_args),
-        base_model_id=script_args.base_model_id,
-        license=script_args.model_card_license,
-    )
     if hub_dry_run:
-        folder = write_hub_dry_run(trainer, **card)
+        folder = write_hub_dry_run(trainer)
         trainer.accelerator.print(f"Hub dry run: the files a push would upload are in {folder}; nothing uploaded.")
     elif training_args.push_to_hub:
         # Saves the model (the adapter alone under PEFT), writes the card, and uploads once.
-        trainer.push_to_hub(**card)
+        trainer.push_to_hub()
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}")
     else:
         trainer.save_model(training_args.output_dir)
         model_name = (training_args.hub_model_id or os.path.normpath(training_args.output_dir)).split("/")[-1]
-        trainer.create_model_card(model_name=model_name, **card)
+        trainer.create_model_card(model_name=model_name)
         trainer.accelerator.print(f"Saved to {training_args.output_dir}")
 
     trainer.end()  # finish the trackers and destroy the process group
