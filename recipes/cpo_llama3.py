@@ -29,9 +29,7 @@ Offline smoke run on CPU (tiny model built locally, data shipped in recipes/data
 See recipes/README.md for the table of setups.
 """
 
-import sys
-
 from trl_cpo.scripts.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()  # returns 0 or raises
