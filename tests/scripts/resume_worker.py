@@ -130,9 +130,12 @@ def main(argv):
     spec_path, *targets = argv
     with open(spec_path) as f:
         spec = json.load(f)
-    import torch  # noqa: F401 - imported before the fork, so the children do not pay for it
+    # Imported before the fork, so the children do not pay for it (`import trl_cpo` alone is lazy: name the classes).
+    import datasets  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
 
-    import trl_cpo  # noqa: F401
+    from trl_cpo import CPOConfig, CPOTrainer  # noqa: F401
 
     children = {}
     for target in targets:
