@@ -169,7 +169,14 @@ def test_the_file_is_written_atomically(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == [REFERENCE_FILE]
 
 
-def test_resume_from_a_checkpoint_with_a_nan_reference_stops_before_training(tokenizer, train_dataset, tmp_path):
+def _no_train_split(folder):
+    _rewrite(folder, header={"splits": json.dumps(["eval/eval"])})
+
+
+@pytest.mark.parametrize(
+    "corrupt, expected", [(_nan_chosen, "non-finite.*delete"), (_no_train_split, "no 'train' split.*delete")]
+)
+def test_resume_from_a_damaged_reference_stops_before_training(tokenizer, train_dataset, tmp_path, corrupt, expected):
     """The issue's repro: NaN reference values used to train a step with loss 0.0 and write NaN weights."""
     args = dict(max_steps=2, save_strategy="steps", save_steps=2)
     CPOTrainer(
@@ -179,14 +186,14 @@ def test_resume_from_a_checkpoint_with_a_nan_reference_stops_before_training(tok
         processing_class=tokenizer,
     ).train()
     checkpoint = tmp_path / "checkpoint-2"
-    _nan_chosen(checkpoint)
+    corrupt(checkpoint)
     resumed = CPOTrainer(
         model=build_tiny_llama(tokenizer),
         args=CPOConfig(**cpu_args(tmp_path, **{**args, "max_steps": 4})),
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
-    with pytest.raises(ReferenceFileError, match="non-finite.*delete"):
+    with pytest.raises(ReferenceFileError, match=expected):
         resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 0
     assert not (tmp_path / "checkpoint-4").exists()

@@ -43,6 +43,7 @@ from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import write_model_card
 from .reference import (
     REFERENCE_FILE,
+    ReferenceFileError,
     ReferenceLogps,
     checkpoint_reference_path,
     compute_reference_logps,
@@ -497,6 +498,10 @@ class _ReferenceMarginTrainer(DPOTrainer):
         """Train (and evaluate) against the reference log-probs the checkpoint was trained with."""
         saved = load_reference_checkpoint(checkpoint)
         metadata = read_reference_metadata(checkpoint)
+        if "train" not in saved:
+            raise ReferenceFileError(
+                checkpoint_reference_path(checkpoint), f"it holds no 'train' split (its splits: {list(saved)})"
+            )
         train = saved.pop("train")
         current = self.train_reference_logps
         self._check_checkpoint_binding(checkpoint, train, metadata)
