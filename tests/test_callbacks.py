@@ -129,7 +129,7 @@ def test_works_with_cpo_trainer_and_a_dict_of_eval_sets(tmp_path, tok, loss_type
 
 
 def test_rejects_ld_alpha():
-    trainer = SimpleNamespace(ld_alpha=0.5, args=SimpleNamespace(loss_type=["sigmoid"]))
+    trainer = SimpleNamespace(args=SimpleNamespace(loss_type=["sigmoid"], ld_alpha=0.5))
     with pytest.raises(ValueError, match="ld_alpha"):
         UFractionCallback(trainer)
 

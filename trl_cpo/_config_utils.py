@@ -15,7 +15,8 @@ logger = logging.getLogger("trl_cpo")
 #: The preference terms both methods build on: DPO's sigmoid loss on summed ('sigmoid') or per-token averaged
 #: ('sigmoid_norm') log-probs.
 PREFERENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm")
-#: Loss types that can be mixed in through `loss_weights` (they do not read the reference).
+#: Loss types that can be mixed in through `loss_weights` (they do not read the reference: `_trl_compat.ASSUMPTIONS`,
+#: 'loss_weights').
 MIXABLE_LOSS_TYPES = ("sft",)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import textwrap
 
+from ._trl_compat import CARD_INSERT_MARKER
+
 PAPER_ID = "2605.20834"
 PAPER_TITLE = "Conditional Equivalence of DPO and RLHF: Implicit Assumption, Failure Modes, and Provable Alignment"
 CITATION = textwrap.dedent("""\
@@ -68,7 +70,7 @@ def insert_card_section(card_path: str, section: str) -> None:
     """Insert `section` into the model card at `card_path`, before TRL's "Framework versions" (or at the end)."""
     with open(card_path, encoding="utf-8") as f:
         card = f.read()
-    marker = "### Framework versions"
+    marker = CARD_INSERT_MARKER
     card = card.replace(marker, section + "\n" + marker, 1) if marker in card else card + "\n" + section
     with open(card_path, "w", encoding="utf-8") as f:
         f.write(card)
