@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from by_hand import WORDS, logp_by_hand, spaced_pairs
 from datasets import Dataset, DatasetDict
+from helpers import WORDS, logp_by_hand, spaced_pairs
 
 from trl_cpo import audit
 from trl_cpo.losses import cpo_margin, ecpoc_target

@@ -14,14 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import cpu_args, load_script
+from helpers import REPO, cpu_args, load_script
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
 
-REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
 
 

@@ -2,9 +2,8 @@ import os
 
 import pytest
 import torch
-from conftest import make_pairs
 from datasets import Dataset
-from helpers import cpu_args, sequence_logps
+from helpers import cpu_args, make_pairs, sequence_logps, train_logs
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
@@ -15,11 +14,6 @@ from trl_cpo.reference import REFERENCE_FILE
 from trl_cpo.tiny import build_tiny_llama
 
 TRAJECTORY_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "grad_norm"]
-
-
-def _train_logs(trainer):
-    trainer.train()
-    return [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
 
 
 @pytest.mark.parametrize(
@@ -46,7 +40,7 @@ def test_gamma_zero_reproduces_dpo_trajectory(tokenizer, tmp_path, loss_type, nu
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
-    dpo_logs, cpo_logs = _train_logs(dpo), _train_logs(cpo)
+    dpo_logs, cpo_logs = train_logs(dpo), train_logs(cpo)
     assert len(dpo_logs) == len(cpo_logs) == 4
     for dpo_log, cpo_log in zip(dpo_logs, cpo_logs):
         for key in [*TRAJECTORY_KEYS, "rewards/accuracies"]:
@@ -65,7 +59,7 @@ def test_positive_gamma_changes_the_trajectory(tokenizer, train_dataset, tmp_pat
             train_dataset=train_dataset,
             processing_class=tokenizer,
         )
-        logs[gamma] = _train_logs(trainer)
+        logs[gamma] = train_logs(trainer)
     assert logs[0.05][0]["loss"] > logs[0.0][0]["loss"] + 1e-3  # a positive margin raises the loss
     assert logs[0.05][0]["cpo_margin"] > 0
     assert logs[0.05][-1]["loss"] != pytest.approx(logs[0.0][-1]["loss"], rel=1e-3)
@@ -89,7 +83,7 @@ def test_logged_metrics_match_by_hand_computation(tokenizer, tmp_path, trainer_c
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
-    log = _train_logs(trainer)[0]
+    log = train_logs(trainer)[0]
     assert log["u_fraction"] == pytest.approx(expected_u)
     assert log["ref_misaligned_fraction"] == pytest.approx(((rc / lc) < (rr / lr)).float().mean().item())
     # DPOTrainer's reward metrics keep their DPO meaning: beta * (logp - ref_logp), summed, unshifted by the margin
@@ -151,7 +145,7 @@ def test_logged_loss_is_the_cpo_loss_by_hand(tokenizer, tmp_path, loss_type, mar
     trainer = CPOTrainer(
         model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
-    log = _train_logs(trainer)[0]
+    log = train_logs(trainer)[0]
     assert log["loss"] == pytest.approx(expected.item(), rel=1e-4)
     assert log["cpo_margin"] == pytest.approx(m.mean().item(), rel=1e-4)
     # and it is not DPO's: the margin matters at these settings
@@ -236,7 +230,7 @@ def test_lora_reference_is_the_adapter_free_base(model, tokenizer, train_dataset
     reference = trainer.train_reference_logps
     torch.testing.assert_close(reference.chosen, base_chosen, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(reference.rejected, base_rejected, atol=1e-4, rtol=1e-4)
-    logs = _train_logs(trainer)
+    logs = train_logs(trainer)
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
     # the base stayed frozen and the adapter moved the policy away from it
     base = trainer.model.get_base_model()
@@ -258,7 +252,7 @@ def test_resume_uses_the_checkpoint_margins(tokenizer, train_dataset, tmp_path):
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
-    full_logs = _train_logs(full)
+    full_logs = train_logs(full)
     checkpoint = tmp_path / "full" / "checkpoint-2"
     assert (checkpoint / REFERENCE_FILE).is_file()
 
@@ -351,14 +345,14 @@ def test_bf16_training_stays_finite(model, tokenizer, train_dataset, tmp_path):
             train_dataset=train_dataset,
             processing_class=tokenizer,
         )
-        for log in _train_logs(trainer):
+        for log in train_logs(trainer):
             for key in ("loss", "grad_norm", "u_fraction", "rewards/chosen"):
                 assert torch.isfinite(torch.tensor(log[key])), (trainer_cls.__name__, key)
 
 
 def test_sft_mixed_in_through_loss_weights(model, tokenizer, train_dataset, tmp_path):
     args = CPOConfig(**cpu_args(tmp_path, max_steps=1), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
-    log = _train_logs(CPOTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer))[0]
+    log = train_logs(CPOTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer))[0]
     assert torch.isfinite(torch.tensor(log["loss"]))
 
 
