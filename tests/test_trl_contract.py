@@ -448,7 +448,7 @@ def test_evaluation_metrics_carry_their_prefix_in_the_runtime_key(tokenizer, tmp
 
 @pytest.mark.parametrize("method", sorted(compat.DPO_METHODS))
 def test_dpo_trainer_has_the_methods_trl_cpo_overrides_or_calls(method):
-    with contract(compat._METHOD_ASSUMPTION[method]):
+    with contract(compat.METHOD_ASSUMPTIONS[method]):
         params = tuple(inspect.signature(getattr(DPOTrainer, method)).parameters)[1:]
         assert params[: len(compat.DPO_METHODS[method])] == compat.DPO_METHODS[method], params
 

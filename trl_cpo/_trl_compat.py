@@ -407,7 +407,8 @@ DPO_METHODS = {
     "compute_ref_log_probs": ("model", "inputs"),
     "create_model_card": ("model_name", "dataset_name", "tags"),
 }
-_METHOD_ASSUMPTION = {
+#: The assumption each of those methods belongs to.
+METHOD_ASSUMPTIONS = {
     PRECOMPUTE_METHOD: "precompute_hook",
     "_set_signature_columns_if_needed": "signature_columns",
     "_save_checkpoint": "save_checkpoint",
@@ -425,7 +426,7 @@ def check_dpo_trainer(cls=None) -> None:
         found = () if method is None else tuple(inspect.signature(method).parameters)[1:]
         if method is None or found[: len(params)] != params:
             detail = f"{cls.__name__}.{name}{'' if method is None else found} is not {name}{params}"
-            raise RuntimeError(ASSUMPTIONS[_METHOD_ASSUMPTION[name]].broken(detail))
+            raise RuntimeError(ASSUMPTIONS[METHOD_ASSUMPTIONS[name]].broken(detail))
 
 
 @contextlib.contextmanager

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import textwrap
 
-from ._trl_compat import CARD_INSERT_MARKER
-
 PAPER_ID = "2605.20834"
 PAPER_TITLE = "Conditional Equivalence of DPO and RLHF: Implicit Assumption, Failure Modes, and Provable Alignment"
 CITATION = textwrap.dedent("""\
@@ -68,6 +66,8 @@ Trained with `trl_cpo`'s {method} trainer, from [{PAPER_TITLE}](https://arxiv.or
 
 def insert_card_section(card_path: str, section: str) -> None:
     """Insert `section` into the model card at `card_path`, before TRL's "Framework versions" (or at the end)."""
+    from ._trl_compat import CARD_INSERT_MARKER  # imported here: this module stays free of torch and TRL
+
     with open(card_path, encoding="utf-8") as f:
         card = f.read()
     marker = CARD_INSERT_MARKER
