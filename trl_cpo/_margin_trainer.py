@@ -38,6 +38,7 @@ from .reference import (
     save_reference_checkpoint,
     with_columns,
 )
+from .reference_file import load_matching_reference_logps, reference_fingerprint
 from .report import ReferenceReport, reference_report
 from .report_callback import _ReferenceReportLogger, announce_report
 
@@ -175,9 +176,16 @@ class _ReferenceMarginTrainer(DPOTrainer):
         # scratch: its old columns must not reach the reference forward.
         stale = [c for c in (*REFERENCE_COLUMNS, MARGIN_COLUMN) if c in dataset.column_names]
         dataset = dataset.remove_columns(stale) if stale else dataset
-        reference = compute_reference_logps(
-            self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
-        )
+        reference = None
+        if is_train and getattr(self.args, "reference_logps_file", None):
+            # One reference pass: the audit's file, if it was computed on these inputs (else a ValueError saying why).
+            reference = load_matching_reference_logps(
+                self.args.reference_logps_file, reference_fingerprint(self, dataset)
+            )
+        if reference is None:
+            reference = compute_reference_logps(
+                self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
+            )
         if is_train:
             self.train_reference_logps = reference
             self._choose_method_settings(reference)
