@@ -7,7 +7,10 @@ import sys
 
 COMMANDS = {
     "demo": ("trl_cpo.demo", "Train DPO, CPO and E-CPOC from a corrupted reference on CPU; see which end in U."),
-    "audit": ("trl_cpo.audit", "Measure how often a reference model prefers the rejected response of a dataset."),
+    "audit": (
+        "trl_cpo.scripts.audit",
+        "Measure how often a reference model prefers the rejected response of a dataset.",
+    ),
 }
 
 
