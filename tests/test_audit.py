@@ -296,6 +296,7 @@ def run_cli(argv, capsys):
     code = audit.main([str(a) for a in argv])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if not line.startswith("note: ")]
+    run_cli.notes = [line for line in err.splitlines() if line.startswith("note: ")]
     return code, lines
 
 
@@ -350,7 +351,7 @@ def _bad_inputs(workspace, tmp_path):
         (["--dataset_name", tmp_path / "missing.jsonl"], "--dataset_name", True),
         (["--dataset_name", bad_json], "could not be read as json", True),
         (["--dataset_name", no_rejected], "'rejected'", True),
-        (["--dataset_name", empty], "row(s) 2", True),
+        (["--dataset_name", empty], "sentinel", True),  # scored as training scores it, with a note
         (["--dataset_name", wrong_type], "'chosen' holds int", True),
         (["--dataset_name", saved], "--dataset_train_split", True),
     ], not_yaml
@@ -366,7 +367,9 @@ def test_every_user_error_is_one_line_with_exit_status_2(workspace, tmp_path, lo
         assert code == audit.USER_ERROR, (extra, lines)
         assert len(lines) == 1 and lines[0].startswith("trl-cpo audit: error: "), (extra, lines)
         assert expected in lines[0], (expected, lines[0])
-        assert "model" not in loads and (("data" in loads) == data_loads), (extra, loads)
+        assert ("model" in loads) == (expected == "sentinel") and (("data" in loads) == data_loads), (extra, loads)
+        if str(extra[-1]).endswith("empty.jsonl"):
+            assert any("'rejected' has 1 empty completion(s)" in n and "row(s) 2" in n for n in run_cli.notes)
     for argv, expected in (
         (["--config", tmp_path / "missing.yaml"], "--config"),
         (["--config", not_yaml], "--config"),

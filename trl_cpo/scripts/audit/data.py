@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any
 
 from .args import AuditError, AuditSettings
@@ -126,7 +127,8 @@ def _load_train_split(settings: AuditSettings):
     train = drop_redundant_prompt(dataset[split])
     if settings.audit.max_samples is not None:
         train = train.select(range(min(settings.audit.max_samples, len(train))))
-    check_pairs(train, name)
+    for note in check_pairs(train, name):
+        print(f"note: {note}", file=sys.stderr)
     return train
 
 
@@ -149,9 +151,9 @@ def _rows(indices: list[int]) -> str:
     return ", ".join(str(i) for i in indices[:10]) + (", ..." if len(indices) > 10 else "")
 
 
-def check_pairs(dataset, name: str) -> None:
-    """Columns present, values of the right type, no empty completion (after splitting off an implicit prompt as TRL
-    does); `AuditError` naming the column and rows otherwise. `dataset` is not modified."""
+def check_pairs(dataset, name: str) -> list[str]:
+    """Columns present and values of the right type (`AuditError` naming the column and rows otherwise); returns
+    notes on empty completions (after splitting off an implicit prompt as TRL does). `dataset` is not modified."""
     from trl.data_utils import extract_prompt
 
     if len(dataset) == 0:
@@ -173,11 +175,14 @@ def check_pairs(dataset, name: str) -> None:
                 f"{_rows(bad)}; it must hold text or a list of {{'role', 'content'}} messages. Fix or drop those rows."
             )
     view = dataset if "prompt" in dataset.column_names else dataset.map(extract_prompt, desc="Checking pairs")
+    notes = []
     for column in ("chosen", "rejected"):
         empty = [i for i, value in enumerate(view[column]) if _is_empty(value)]
         if empty:
-            raise AuditError(
-                f"{name}: column {column!r} has {len(empty)} empty completion(s) (after splitting off the prompt) at "
-                f"row(s) {_rows(empty)}. An empty completion has no log-probability to compare; drop these rows, "
-                f"e.g. dataset.filter(lambda row: row[{column!r}]), and run the audit again."
+            # Training takes them (TRL scores the eos token alone), so the audit does too, and says so.
+            notes.append(
+                f"{name}: column {column!r} has {len(empty)} empty completion(s) after the prompt, at row(s) "
+                f"{_rows(empty)}; they are scored as the eos token alone, as training will score them. Drop them if "
+                f"that is not intended, e.g. dataset.filter(lambda row: row[{column!r}])."
             )
+    return notes

@@ -134,6 +134,7 @@ def format_tables(payload: dict) -> str:
     mark = {space: " *" if space == loss_space else "" for space in spaces}
     split = f" (split {payload['dataset_train_split']})"
     lines = [
+        "",
         f"Audit of {payload['dataset_name']}{split} with {payload['model_name_or_path']} (method {payload['method']})",
         f"  {payload['num_pairs']} pairs scored of {payload['num_pairs_input']}; {payload['num_pairs_dropped']} dropped "
         f"(prompt fills max_length={payload['max_length']}), {payload['num_pairs_truncated']} truncated",
