@@ -148,6 +148,14 @@ class CPORecipeConfig(DPOConfig):
         default=None, metadata={"help": "E-CPOC only. Correction scale 1/ecpoc_alpha (default 1)."}
     )
 
+    reference_logps_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train-set reference log-probs written by `trl-cpo audit --config <this YAML>`: read instead of "
+            "running the reference again when their fingerprint matches (all three methods)."
+        },
+    )
+
     def __post_init__(self):
         # Raw container: validation and TrainingArguments' post-processing happen in the real config class.
         pass
@@ -181,6 +189,7 @@ def to_trainer_config(raw: CPORecipeConfig, method: str) -> DPOConfig:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; use one of {list(METHODS)}.")
     kwargs = {f.name: getattr(raw, f.name) for f in dataclasses.fields(DPOConfig) if f.init}
+    kwargs["reference_logps_file"] = raw.reference_logps_file
     ignored = []
     for name in ALL_METHOD_FIELDS:
         value = getattr(raw, name)

@@ -83,14 +83,15 @@ def train_dataset(workspace):
     return load_dataset("json", data_files=workspace["data"], split="train")
 
 
-def cpo_trainer(workspace, tmp_path, dataset=None, model=None, **overrides):
+def cpo_trainer(workspace, tmp_path, dataset=None, model=None, peft_config=None, **overrides):
     args = CPOConfig(
         output_dir=str(tmp_path / "trainer"),
         # What the train script passes (ModelConfig's defaults).
         model_init_kwargs=dict(revision="main", trust_remote_code=False, attn_implementation=None, dtype="float32"),
         **{**TRAIN, **CPO_FIELDS, **overrides},
     )
-    return CPOTrainer(model=model or workspace["model"], args=args, train_dataset=dataset or train_dataset(workspace))
+    dataset = dataset or train_dataset(workspace)
+    return CPOTrainer(model=model or workspace["model"], args=args, train_dataset=dataset, peft_config=peft_config)
 
 
 @pytest.fixture(scope="module")
@@ -408,6 +409,20 @@ def test_training_reuses_the_audits_reference_file(audited, workspace, trained, 
     assert trainer.train_dataset["ref_chosen_logps"] == trained.train_dataset["ref_chosen_logps"]
     assert trainer.reference_report.to_logs() == trained.reference_report.to_logs()
     trainer.train()  # and it trains on them
+
+
+def test_an_audit_without_peft_serves_a_lora_run_on_the_same_base(audited, workspace, trained, tmp_path, forwards):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"])
+    path = workspace["reference_logps_file"]
+    trainer = cpo_trainer(workspace, tmp_path, peft_config=lora, reference_logps_file=path)
+    assert forwards == [] and hasattr(trainer.model, "peft_config")
+    assert trainer.train_dataset["ref_rejected_logps"] == trained.train_dataset["ref_rejected_logps"]
+    # And that is right: the reference of a LoRA run, its base with the adapter disabled, scores as the audit did.
+    own = cpo_trainer(workspace, tmp_path, peft_config=lora)
+    assert len(forwards) == 1
+    torch.testing.assert_close(own.train_reference_logps.rejected, trained.train_reference_logps.rejected)
 
 
 def test_a_reference_file_from_other_inputs_is_refused(audited, workspace, tmp_path, forwards):
