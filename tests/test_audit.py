@@ -350,7 +350,7 @@ def _bad_inputs(workspace, tmp_path):
         (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag", False),
         (["--model_name_or_path", tmp_path / "plain_folder"], "--model_name_or_path", False),
         (["--dataset_name", tmp_path / "missing.jsonl"], "--dataset_name", True),
-        (["--dataset_name", bad_json], "could not be read as json", True),
+        (["--dataset_name", bad_json], "bad.jsonl: could not be loaded (", True),
         (["--dataset_name", no_rejected], "'rejected'", True),
         (["--dataset_name", empty], "sentinel", True),  # scored as training scores it, with a note
         (["--dataset_name", wrong_type], "'chosen' holds int", True),
@@ -445,7 +445,7 @@ def test_a_reference_file_from_other_inputs_is_refused(audited, workspace, tmp_p
 # -- E-CPOC, the CLI entry point, no matplotlib -------------------------------------------------------------------------
 
 
-def test_ecpoc_through_the_cli_without_matplotlib(workspace, tmp_path, monkeypatch, capsys):
+def test_ecpoc_through_the_cli_without_matplotlib(workspace, tmp_path, monkeypatch, capsys, caplog):
     from trl_cpo.cli import main
 
     monkeypatch.setattr(plots, "import_pyplot", lambda: None)
@@ -455,7 +455,7 @@ def test_ecpoc_through_the_cli_without_matplotlib(workspace, tmp_path, monkeypat
     assert main([str(a) for a in argv]) == 0
     captured = capsys.readouterr()
     assert "pip install 'trl-cpo[plots]'" in captured.err
-    assert "method=ecpoc does not use cpo_gamma=0.05" in captured.err
+    assert "method=ecpoc does not use cpo_gamma=0.05" in caplog.text  # the train script's warning
     assert sorted(os.listdir(out)) == sorted([REPORT_FILE, PAIRS_FILE, "ref.safetensors"])  # all but the figure
     assert PLOT_FILE not in os.listdir(out)
     report = json.loads((out / REPORT_FILE).read_text())

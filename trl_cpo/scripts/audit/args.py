@@ -1,8 +1,8 @@
 """Arguments of `trl-cpo audit`: parsed with `TrlParser` and checked before any data or model loads.
 
-The audit reads the training run's own arguments: the train script's dataclasses (same field names, so
+The audit reads the training run's own arguments: the train script's dataclasses (`trl_cpo.scripts.train`, so
 `trl-cpo audit --config <the training YAML>` takes the training run's model, tokenizer, `max_length`, method and
-method settings) plus `AuditArguments`. `output_dir` is where the audit writes; taken from the training YAML it is the
+method settings, and builds the training config with the train script's `to_trainer_config`) plus `AuditArguments`. `output_dir` is where the audit writes; taken from the training YAML it is the
 training run's folder, so the audit's files sit next to the run they describe.
 
 Every user error raises `AuditError` with one line naming the flag and the fix; `trl-cpo audit` prints it and exits
@@ -17,20 +17,18 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 
-from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, ScriptArguments, TrlParser
+from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, TrlParser
 
-from trl_cpo.losses import MARGIN_TYPES
-from trl_cpo.methods import METHODS, Method
+from trl_cpo.methods import Method
 from trl_cpo.reference_file import DEFAULT_FILE_NAME
+from trl_cpo.scripts.train import METHODS as AUDIT_METHODS
+from trl_cpo.scripts.train import TRAINERS, CPORecipeConfig, CPOScriptArguments, to_trainer_config
 
 #: Exit status of a run stopped by a user error (argparse's for bad arguments).
 USER_ERROR = 2
 #: Files the audit writes into `--output_dir` (the reference log-probs go to `reference_logps_file` if it is set).
 REPORT_FILE, PAIRS_FILE, PLOT_FILE = "audit.json", "pairs.jsonl", "delta_ref.png"
 DEFAULT_OUTPUT_DIR = "trl-cpo-audit"
-#: `--method` values: the methods of `trl_cpo.methods.METHODS`, plus the DPO baseline (CPO at cpo_gamma=0), as in
-#: the train script.
-AUDIT_METHODS = (*METHODS, "dpo")
 
 
 class AuditError(Exception):
@@ -54,31 +52,10 @@ class AuditArguments:
     )
 
 
-# The two dataclasses below mirror the train script's (`recipes/cpo_llama3.py`, moving to `trl_cpo.scripts.train`)
-# field for field, so one YAML file serves both commands.
-
-
 @dataclass
-class AuditScriptArguments(ScriptArguments):
-    """TRL's `ScriptArguments` plus the train script's `method` (and its model-card field, accepted and unused)."""
-
-    method: str = field(
-        default="cpo",
-        metadata={
-            "help": "The method the training run uses: 'cpo', 'ecpoc' or 'dpo' (the DPO baseline: CPO at "
-            "cpo_gamma=0). Picks the trainer whose precompute the audit runs and the settings it reports on.",
-            "choices": list(AUDIT_METHODS),
-        },
-    )
-    model_card_dataset_name: str | None = field(
-        default=None, metadata={"help": "Train script only (model card); ignored by the audit."}
-    )
-
-
-@dataclass
-class AuditTrainingConfig(DPOConfig):
-    """Every `DPOConfig` field plus the CPO / E-CPOC fields, as the train script reads them. A raw container: the real
-    config of `--method` is built from it (`trainer_config`), which validates it."""
+class AuditTrainingConfig(CPORecipeConfig):
+    """The train script's training arguments, with `output_dir` and `reference_logps_file` described as the audit
+    uses them."""
 
     output_dir: str | None = field(
         default=None,
@@ -87,24 +64,6 @@ class AuditTrainingConfig(DPOConfig):
             f"created if missing. Default: the training config's output_dir, else ./{DEFAULT_OUTPUT_DIR}."
         },
     )
-    beta: float = field(default=2.5, metadata={"help": "Inverse temperature of the preference loss (as training)."})
-    precompute_ref_log_probs: bool = field(default=True, metadata={"help": "Must stay True (as training)."})
-    loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid_norm"],
-        metadata={"help": "Log-prob space of the report, as training: 'sigmoid_norm' per token, 'sigmoid' summed."},
-    )
-    cpo_gamma: float | None = field(default=None, metadata={"help": "CPO only. Margin strength (default 0.05)."})
-    cpo_margin_type: str | None = field(
-        default=None,
-        metadata={"help": "CPO only. 'inverse_prob' (default) or 'inverse_logp'.", "choices": list(MARGIN_TYPES)},
-    )
-    cpo_max_margin: float | None = field(default=None, metadata={"help": "CPO only. Cap on the margin (default 10)."})
-    cpo_auto_gamma: float | None = field(
-        default=None, metadata={"help": "CPO only. Choose cpo_gamma lifting this share of misaligned pairs."}
-    )
-    ecpoc_gamma: float | None = field(default=None, metadata={"help": "E-CPOC only. Target floor (default 0.5)."})
-    ecpoc_tau: float | None = field(default=None, metadata={"help": "E-CPOC only. Sharpness (default 2.0)."})
-    ecpoc_alpha: float | None = field(default=None, metadata={"help": "E-CPOC only. Scale (default 1.0)."})
     reference_logps_file: str | None = field(
         default=None,
         metadata={
@@ -114,44 +73,18 @@ class AuditTrainingConfig(DPOConfig):
         },
     )
 
-    def __post_init__(self):
-        # Raw container: the real config class validates and post-processes the values (see `trainer_config`).
-        pass
-
-
-#: Method fields each `--method` reads (the DPO baseline none: it runs CPO at cpo_gamma=0).
-_METHOD_FIELDS = {
-    name: (*method.fields, *(("cpo_auto_gamma",) if name == "cpo" else ())) for name, method in METHODS.items()
-}
-_METHOD_FIELDS["dpo"] = ()
-_ALL_METHOD_FIELDS = tuple(dict.fromkeys(name for names in _METHOD_FIELDS.values() for name in names))
-
 
 def method_entry(name: str) -> Method:
-    """The `METHODS` entry of `--method` (the DPO baseline: CPO's entry under its own name)."""
-    if name == "dpo":
-        return dataclasses.replace(METHODS["cpo"], name="dpo", title="DPO-baseline")
-    return METHODS[name]
+    """The method table entry of `--method`'s trainer (the DPO baseline's is CPO's under its own name)."""
+    return TRAINERS[name].method
 
 
-def trainer_config(raw: AuditTrainingConfig, method: str, work_dir: str, notes: list[str]) -> DPOConfig:
-    """The config training uses for `method` (built as the train script builds it), with what only a training run
-    needs switched off: no saving, logging, evaluation or push; `output_dir` a scratch folder; no reference file."""
-    kwargs = {f.name: getattr(raw, f.name) for f in dataclasses.fields(DPOConfig) if f.init}
-    ignored = []
-    for name in _ALL_METHOD_FIELDS:
-        value = getattr(raw, name)
-        if value is None:
-            continue
-        if name in _METHOD_FIELDS[method]:
-            kwargs[name] = value
-        elif not (method == "dpo" and name == "cpo_gamma" and value == 0):
-            ignored.append(f"{name}={value!r}")
-    if ignored:
-        notes.append(f"method={method} does not use {', '.join(ignored)}; ignored, as training ignores it.")
-    if method == "dpo":
-        kwargs["cpo_gamma"] = 0.0
-    kwargs.update(
+def trainer_config(raw: CPORecipeConfig, method: str, work_dir: str) -> DPOConfig:
+    """The config training uses for `method` (the train script's `to_trainer_config`), with what only a training run
+    needs switched off: no saving, logging, evaluation or push; `output_dir` a scratch folder; no reference file (the
+    audit writes it)."""
+    audit_only = dataclasses.replace(
+        raw,
         output_dir=work_dir,
         report_to="none",
         eval_strategy="no",
@@ -159,8 +92,9 @@ def trainer_config(raw: AuditTrainingConfig, method: str, work_dir: str, notes: 
         push_to_hub=False,
         load_best_model_at_end=False,
         metric_for_best_model=None,
+        reference_logps_file=None,
     )
-    return method_entry(method).config_class(**kwargs)
+    return to_trainer_config(audit_only, method)
 
 
 class _AuditParser(TrlParser):
@@ -170,7 +104,7 @@ class _AuditParser(TrlParser):
 
 def make_parser() -> TrlParser:
     return _AuditParser(
-        (AuditArguments, AuditScriptArguments, AuditTrainingConfig, ModelConfig, DatasetMixtureConfig),
+        (AuditArguments, CPOScriptArguments, AuditTrainingConfig, ModelConfig, DatasetMixtureConfig),
         prog="trl-cpo audit",
         description="Score every training pair with the reference before training, as the training run will (same "
         "model, tokenizer, truncation and method settings: pass the training YAML with --config), and report how "
@@ -185,7 +119,7 @@ class AuditSettings:
     """Everything the audit needs, checked."""
 
     audit: AuditArguments
-    script: AuditScriptArguments
+    script: CPOScriptArguments
     model: ModelConfig
     datasets: DatasetMixtureConfig
     #: The training config of `--method` (CPOConfig or ECPOCConfig), with the audit's overrides.
@@ -310,7 +244,7 @@ def parse(argv: list[str] | None, work_dir: str) -> AuditSettings:
     if audit.max_samples is not None and (not isinstance(audit.max_samples, int) or audit.max_samples <= 0):
         raise AuditError(f"--max_samples {audit.max_samples}: must be a positive integer, or unset for every pair.")
     try:
-        config = trainer_config(raw, script.method, work_dir, notes)
+        config = trainer_config(raw, script.method, work_dir)
     except (ValueError, TypeError) as error:
         raise _flag_error(error) from None
     output_dir = raw.output_dir or DEFAULT_OUTPUT_DIR

@@ -1,10 +1,9 @@
-"""The training data, loaded as the train script loads it, and checked so that bad input fails with one line.
+"""The training data, loaded by the train script's own loader, and checked so that bad input fails with one line.
 
-Loading mirrors the train script (`recipes/cpo_llama3.py`, moving to `trl_cpo.scripts.train`): a `datasets:` mixture
-through `trl.get_dataset`, or `--dataset_name` as a `save_to_disk` folder, a local data file (its rows form the
-`train` split) or anything `datasets.load_dataset` takes; then `--dataset_train_split`, and the same layout fix
-(`drop_redundant_prompt`). The split handed to the trainer is exactly that; the checks below read it without changing
-it.
+`trl_cpo.scripts.train.load_datasets` reads a `datasets:` mixture (`trl.get_dataset`) or `--dataset_name` (a
+`save_to_disk` folder, a local data file whose rows form the `train` split, or anything `datasets.load_dataset` takes);
+then `--dataset_train_split` and the same layout fix (`drop_redundant_prompt`). The split handed to the trainer is
+exactly training's; the checks below read it without changing it.
 """
 
 from __future__ import annotations
@@ -15,77 +14,15 @@ import os
 import sys
 from typing import Any
 
-from .args import AuditError, AuditSettings
+from trl_cpo.scripts.train import drop_redundant_prompt, load_datasets
 
-#: File suffixes read with a `datasets` packaged builder (compressed variants such as `.jsonl.gz` too).
-LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+from .args import AuditError, AuditSettings
 
 
 def _first_line(error: BaseException) -> str:
     cause = error.__cause__ or error
     text = str(cause).strip()
     return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-
-
-def _builder(path: str) -> str | None:
-    name = path.lower()
-    for suffix in COMPRESSION_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return LOCAL_FILE_BUILDERS.get(os.path.splitext(name)[1])
-
-
-def _load_named(name: str, config: str | None):
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    path = os.path.expanduser(name)
-    if os.path.isdir(path):
-        markers = ("dataset_dict.json", "state.json")
-        if any(os.path.isfile(os.path.join(path, marker)) for marker in markers):
-            try:
-                dataset = load_from_disk(path)
-            except (OSError, ValueError) as error:
-                raise AuditError(
-                    f"--dataset_name {name}: could not load this save_to_disk folder ({error})."
-                ) from None
-            return dataset if isinstance(dataset, DatasetDict) else DatasetDict({"train": dataset})
-    elif os.path.isfile(path):
-        builder = _builder(path)
-        if builder is None:
-            raise AuditError(
-                f"--dataset_name {name}: unsupported file type. Use one of {sorted(LOCAL_FILE_BUILDERS)} (optionally "
-                "compressed, e.g. .jsonl.gz), or a folder written by Dataset.save_to_disk."
-            )
-        try:
-            return load_dataset(builder, data_files=os.path.abspath(path))
-        except Exception as error:  # noqa: BLE001 - any reader failure on a user file is a user error
-            raise AuditError(
-                f"--dataset_name {name}: could not be read as {builder} ({_first_line(error)}). Check that the file "
-                "is valid and every row has the same columns and types."
-            ) from None
-    try:
-        return load_dataset(name, name=config)
-    except Exception as error:  # noqa: BLE001 - not local: a Hub name that failed to load
-        where = "no such file or folder, and " if not os.path.exists(path) else ""
-        raise AuditError(
-            f"--dataset_name {name}: {where}loading it with datasets.load_dataset failed ({_first_line(error)}). "
-            "Pass a local .json/.jsonl/.parquet/.csv file, a save_to_disk folder, or a reachable Hub dataset."
-        ) from None
-
-
-def drop_redundant_prompt(dataset):
-    """The train script's layout fix: a string `prompt` next to conversational `chosen` / `rejected` is dropped (TRL
-    then takes the shared start of the two conversations as the prompt)."""
-    from datasets import Value
-
-    features = dataset.features or {}
-    prompt, chosen = features.get("prompt"), features.get("chosen")
-    if isinstance(prompt, Value) and prompt.dtype in ("string", "large_string") and chosen is not None:
-        if not isinstance(chosen, Value):
-            return dataset.remove_columns("prompt")
-    return dataset
 
 
 @contextlib.contextmanager
@@ -108,17 +45,16 @@ def load_train_split(settings: AuditSettings):
 
 def _load_train_split(settings: AuditSettings):
     script, mixture = settings.script, settings.datasets
-    if mixture.datasets:
-        from trl import get_dataset
-
-        try:
-            dataset = get_dataset(mixture)
-        except Exception as error:  # noqa: BLE001 - a mixture entry that does not load
-            raise AuditError(f"datasets: (the --config mixture) failed to load ({_first_line(error)}).") from None
-        name = "the datasets: mixture"
-    else:
-        dataset = _load_named(script.dataset_name, script.dataset_config)
-        name = f"--dataset_name {script.dataset_name}"
+    name = "the datasets: mixture" if mixture.datasets else f"--dataset_name {script.dataset_name}"
+    try:
+        dataset = load_datasets(script, mixture)
+    except Exception as error:  # noqa: BLE001 - any reader failure on the user's data is a user error
+        missing = not mixture.datasets and not os.path.exists(os.path.expanduser(script.dataset_name))
+        where = "no such file or folder, and as a Hub dataset it " if missing else ""
+        raise AuditError(
+            f"{name}: {where}could not be loaded ({_first_line(error)}). Pass a valid local .json/.jsonl/.parquet/.csv "
+            "file, a save_to_disk folder, or a reachable Hub dataset."
+        ) from None
     split = script.dataset_train_split
     if split not in dataset:
         raise AuditError(

@@ -5,20 +5,18 @@ matplotlib is optional (`pip install 'trl-cpo[plots]'`): without it the audit wr
 
 from __future__ import annotations
 
+from trl_cpo._plotting import PLOTS_EXTRA_HINT, require_matplotlib
+
 #: The message shown when matplotlib is missing.
-MISSING_MATPLOTLIB = "matplotlib is not installed, so no {file}; pip install 'trl-cpo[plots]' to get it"
+MISSING_MATPLOTLIB = "matplotlib is not installed, so no {file}; " + PLOTS_EXTRA_HINT + " to get it"
 
 
 def import_pyplot():
     """matplotlib's pyplot with a file-only backend, or None if matplotlib is not installed."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        return require_matplotlib()
     except ImportError:
         return None
-    return plt
 
 
 def plot(path: str, payload: dict, pairs: list[dict]) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from trl_cpo.reference import ReferenceLogps
 from trl_cpo.reference_file import ReferenceFingerprint, reference_fingerprint
+from trl_cpo.scripts.train import TRAINERS
 
 from .args import AuditError, AuditSettings
 from .data import _first_line
@@ -39,7 +40,8 @@ class Scored:
 
 
 def build_trainer(settings: AuditSettings, dataset):
-    """Construct `--method`'s trainer as the train script does; this loads the model and runs the precompute."""
+    """Construct `--method`'s trainer as the train script's `train` does (same `model_init_kwargs`, quantization and
+    PEFT config); this loads the model and runs the precompute."""
     from trl import get_peft_config, get_quantization_config
 
     config, model_args = settings.trainer_config, settings.model
@@ -52,7 +54,7 @@ def build_trainer(settings: AuditSettings, dataset):
     if config.model_init_kwargs is not None:
         model_init_kwargs.update(config.model_init_kwargs)
     config.model_init_kwargs = model_init_kwargs
-    return settings.method.trainer_class(
+    return TRAINERS[settings.script.method](
         model=model_args.model_name_or_path,
         args=config,
         train_dataset=dataset,
