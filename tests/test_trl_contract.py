@@ -11,13 +11,15 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import trl
 from datasets import Dataset
-from helpers import REPO, cpu_args, make_pairs
+from helpers import REPO, cpu_args, free_port, make_pairs, subprocess_env
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
@@ -76,9 +78,14 @@ def test_collator_builds_the_chosen_then_rejected_batch(tokenizer, tmp_path):
     trainer = dpo_trainer(tokenizer, tmp_path)
     rows = [trainer.train_dataset[i] for i in range(PAIRS)]
     with contract("collator"):
-        assert isinstance(trainer.data_collator, compat.DataCollatorForPreference), type(trainer.data_collator)
+        assert isinstance(trainer.data_collator, compat.preference_collator_class()), type(trainer.data_collator)
         assert set(compat.TOKENIZED_COLUMNS) <= set(trainer.train_dataset.column_names)
         batch = trainer.data_collator(rows)
+        # max_length truncates each prompt + completion in the collator; the tokenized columns stay whole
+        short = dpo_trainer(tokenizer, tmp_path / "short", max_length=5)
+        row = next(r for r in short.train_dataset if len(r["prompt_ids"]) + len(r["chosen_ids"]) > 5)
+        truncated = short.data_collator([row])
+        assert truncated["input_ids"][0].tolist() == (row["prompt_ids"] + row["chosen_ids"])[:5]
     with contract("batch_layout"):
         assert {"input_ids", "attention_mask", compat.COMPLETION_MASK, *compat.REFERENCE_COLUMNS} <= set(batch)
         assert batch["input_ids"].shape[0] == 2 * PAIRS
@@ -265,6 +272,7 @@ class PrecomputeSpy(DPOTrainer):
                 "batch_size": batch_size,
                 "rows": len(dataset),
                 "tokenized": set(compat.TOKENIZED_COLUMNS) <= set(dataset.column_names),
+                "is_train_dataset": dataset is self.train_dataset,
                 "has_engine_attribute": hasattr(self, "_precompute_engine"),
                 "engine": getattr(self, "_precompute_engine", "missing"),
                 "ref_model": self.ref_model,
@@ -287,6 +295,7 @@ def test_precompute_hook_is_called_once_per_dataset_in_init_and_evaluate(tokeniz
         calls = trainer.precompute_calls
         assert [(c["name"], c["batch_size"], c["rows"]) for c in calls] == [("train", 4, 7), ("a", 3, 6), ("b", 3, 4)]
         assert all(c["tokenized"] for c in calls)
+        assert [c["is_train_dataset"] for c in calls] == [True, False, False]
         # the return value replaced each dataset
         assert set(compat.REFERENCE_COLUMNS) <= set(trainer.train_dataset.column_names)
         assert all(set(compat.REFERENCE_COLUMNS) <= set(d.column_names) for d in trainer.eval_dataset.values())
@@ -378,21 +387,78 @@ def test_save_checkpoint_writes_the_folder_computed_before_it(tokenizer, tmp_pat
 
 class CardTrainer(DPOTrainer):
     _tag_names, _name, _paper = compat.card_attributes(
-        tags=["contract-tag"],
-        name="Contract Method",
-        paper={"title": "A Contract Paper", "id": "1234.56789", "citation": "@misc{contract2026}"},
+        tags=["contract-tag"], name="Contract Method", paper={"title": "T", "id": "1234.56789", "citation": "@misc{c}"}
     )
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        self.__dict__.setdefault("card_calls", []).append({"model_name": model_name, **kwargs})
 
-def test_model_card_reads_the_class_attributes(tokenizer, tmp_path):
+
+def test_model_card_tags_and_the_calls_that_write_it(tokenizer, tmp_path):
     with contract("model_card"):
-        trainer = dpo_trainer(tokenizer, tmp_path, CardTrainer)
+        trainer = dpo_trainer(tokenizer, tmp_path, CardTrainer, max_steps=1, save_strategy="steps", save_steps=1)
         assert "contract-tag" in trainer.model.model_tags
-        trainer.create_model_card(model_name="tiny", dataset_name="local/pairs")
-        card = (tmp_path / "README.md").read_text(encoding="utf-8")
-        for text in ("Contract Method", "A Contract Paper", "1234.56789", "@misc{contract2026}", "- contract-tag"):
-            assert text in card, text
-        assert compat.CARD_INSERT_MARKER in card
+        trainer.train()
+        # one card per checkpoint, named after the output folder, through the (overridden) create_model_card
+        assert trainer.card_calls == [{"model_name": tmp_path.name}]
+        assert os.path.isdir(tmp_path / "checkpoint-1") and not (tmp_path / "README.md").exists()
+        # push_to_hub cannot run offline here (tests/test_hub.py runs it up to the network): it hands its kwargs on
+        assert "self.create_model_card(model_name=model_name, **kwargs)" in inspect.getsource(Trainer.push_to_hub)
+        paper = compat.dpo_paper()
+        assert paper["id"] == "2305.18290" and "Direct Preference Optimization" in paper["title"]
+        assert paper["citation"].lstrip().startswith("@")
+
+
+def test_tracker_urls_are_none_without_a_run():
+    with contract("tracker_urls"):
+        from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url
+
+        assert get_trackio_space_url() is None and get_comet_experiment_url() is None
+        assert compat.tracker_urls() == {}
+
+
+def test_save_model_internal_call_does_not_push(tokenizer, tmp_path):
+    trainer = dpo_trainer(tokenizer, tmp_path)
+    trainer.args.push_to_hub = True
+    pushes = []
+    trainer.push_to_hub = lambda *args, **kwargs: pushes.append(kwargs)
+    with contract("save_without_push"):
+        compat.save_model_without_push(trainer, str(tmp_path / "saved"))
+        assert (tmp_path / "saved" / "model.safetensors").is_file() and pushes == []
+        trainer.save_model(str(tmp_path / "pushed"))  # without the flag it pushes: the flag is what prevents it
+        assert len(pushes) == 1
+
+
+def test_push_to_hub_ignores_underscore_and_checkpoint_folders():
+    with contract("push_ignore_patterns"):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        source = inspect.getsource(Trainer.push_to_hub)
+        assert 'ignore_patterns=["_*", f"{PREFIX_CHECKPOINT_DIR}-*"]' in source
+        assert compat.PUSH_IGNORE_PATTERNS == ("_*", f"{PREFIX_CHECKPOINT_DIR}-*")
+
+
+DDP_SCRIPT = """
+import os, torch
+from trl_cpo import _trl_compat
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+module = torch.nn.Linear(2, 2)
+module.register_buffer("mask", torch.ones(2, dtype=torch.bool))
+_trl_compat.ignore_in_ddp(module, ["mask"])
+print(sorted(torch.nn.parallel.DistributedDataParallel(module).parameters_to_ignore))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_ddp_skips_the_buffers_named_on_the_module():
+    env = {**subprocess_env(), "PORT": str(free_port())}
+    with contract("ddp_ignored_buffers"):
+        result = subprocess.run(
+            [sys.executable, "-c", DDP_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip().splitlines()[-1] == "['mask']"
 
 
 def test_get_config_model_id_is_the_name_or_path(tokenizer, tmp_path):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from .losses import check_beta
+from .reference_file import check_reference_logps_file
 
 logger = logging.getLogger("trl_cpo")
 
@@ -127,9 +128,20 @@ class _ReferenceMarginConfig(DPOConfig):
         },
     )
 
+    reference_logps_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train-set reference log-probs written by `trl-cpo audit` (its reference_logps.safetensors). If "
+            "its fingerprint (model, tokenizer, tokenized data, max_length) matches this run's, the train-set "
+            "reference precompute is skipped; otherwise training stops with an error naming what differs. Eval sets "
+            "are still computed."
+        },
+    )
+
     def __post_init__(self):
         self._check_method_hyperparameters()
         validate_dpo_fields(self)
+        check_reference_logps_file(self.reference_logps_file)
         super().__post_init__()
 
     def _check_method_hyperparameters(self) -> None:

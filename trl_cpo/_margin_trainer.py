@@ -27,7 +27,7 @@ from ._config_utils import from_dpo_config, logger
 from .logps import is_length_normalized, to_loss_space
 from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
-from .model_card import insert_card_section, method_card_section
+from .model_card import write_model_card
 from .reference import (
     ReferenceLogps,
     checkpoint_reference_path,
@@ -37,6 +37,7 @@ from .reference import (
     save_reference_checkpoint,
     with_columns,
 )
+from .reference_file import load_matching_reference_logps, reference_fingerprint
 from .report import ReferenceReport, reference_report
 from .report_callback import _ReferenceReportLogger, announce_report
 
@@ -120,6 +121,9 @@ class _ReferenceMarginTrainer(DPOTrainer):
         self.eval_reference_logps: dict[str, ReferenceLogps] = {}
         #: What the reference says about the train set (`trl_cpo.report`), computed at the precompute.
         self.reference_report: ReferenceReport | None = None
+        #: Defaults for `create_model_card`'s keyword arguments (dataset_name, base_model_id, license, ...), so the
+        #: cards DPOTrainer writes at each checkpoint (and pushes with `hub_strategy`) are as complete as the last.
+        self.model_card_kwargs: dict[str, Any] = {}
         super().__init__(
             model,
             ref_model=ref_model,
@@ -174,9 +178,16 @@ class _ReferenceMarginTrainer(DPOTrainer):
         # scratch: its old columns must not reach the reference forward.
         stale = [c for c in (*REFERENCE_COLUMNS, MARGIN_COLUMN) if c in dataset.column_names]
         dataset = dataset.remove_columns(stale) if stale else dataset
-        reference = compute_reference_logps(
-            self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
-        )
+        reference = None
+        if is_train and getattr(self.args, "reference_logps_file", None):
+            # One reference pass: the audit's file, if it was computed on these inputs (else a ValueError saying why).
+            reference = load_matching_reference_logps(
+                self.args.reference_logps_file, reference_fingerprint(self, dataset)
+            )
+        if reference is None:
+            reference = compute_reference_logps(
+                self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
+            )
         if is_train:
             self.train_reference_logps = reference
             self._choose_method_settings(reference)
@@ -345,14 +356,16 @@ class _ReferenceMarginTrainer(DPOTrainer):
 
     # -- model card ---------------------------------------------------------------------------------------------------
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if not self.is_world_process_zero():
-            return
-        base_model = _trl_compat.get_config_model_id(self.model.config)
-        if base_model and os.path.isdir(base_model):
-            base_model += " (a local directory: replace it with the Hub id it came from)"
-        section = method_card_section(
-            self.method, self.args, base_model=base_model, dataset_name=dataset_name, report=self.reference_report
+    def create_model_card(
+        self, model_name=None, dataset_name=None, tags=None, *, base_model_id: str | None = None, license=None
+    ):
+        """Write the model card to `output_dir/README.md` (`trl_cpo.model_card.build_model_card`).
+
+        `dataset_name` is a name or a list of names; only Hub ids are linked. `base_model_id` names the Hub model a
+        local base was downloaded from, and `license` sets the card's license (else the base model's own card's).
+        `push_to_hub(...)` passes its keyword arguments here; unset ones default to `self.model_card_kwargs`.
+        """
+        given = dict(
+            model_name=model_name, dataset_name=dataset_name, tags=tags, base_model_id=base_model_id, license=license
         )
-        insert_card_section(os.path.join(self.args.output_dir, "README.md"), section)
+        write_model_card(self, **{**self.model_card_kwargs, **{k: v for k, v in given.items() if v is not None}})

@@ -1,9 +1,9 @@
 """Every private TRL / transformers name or behaviour trl_cpo relies on, in one place.
 
 TRL's `DPOTrainer` has no public hook for a per-pair reference margin, so the trainers lean on some of its internals:
-method names they override, batch keys, numerical conventions of its loss, its metric lists, its model-card template.
-Each one is declared here once, as a constant or a thin function whose docstring cites where it comes from in TRL
-1.16.0, and is registered in `ASSUMPTIONS`. The rest of the package goes through this module instead of touching
+method names they override, batch keys, numerical conventions of its loss, its metric lists, the calls that write
+the model card. Each one is declared here once, as a constant or a thin function whose docstring cites where it comes
+from in TRL 1.16.0, and is registered in `ASSUMPTIONS`. The rest of the package goes through this module instead of touching
 those names, so the coupling is listed in one file:
 
 - `tests/test_trl_contract.py` checks each assumption against the installed TRL (its behaviour where that can be run
@@ -23,21 +23,13 @@ import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import trl
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import get_config_model_id
+if TYPE_CHECKING:
+    import torch
 
-# Re-exported: TRL / transformers helpers used as they are, named here so every TRL name trl_cpo uses is in this file.
-__all__ = [
-    "DataCollatorForPreference",
-    "disable_gradient_checkpointing",
-    "get_config_model_id",
-    "get_last_checkpoint",
-]
+# TRL, transformers and torch are imported inside the functions: light modules (the configs, the reference file, the
+# model card) use this one, and `trl-cpo --help` must not load them.
 
 
 #: TRL versions on which `tests/test_trl_contract.py` passed (the `trl` pin in pyproject.toml says the same).
@@ -74,9 +66,10 @@ class Assumption:
         """The message a contract test (or a runtime check) fails with."""
         package = self.origin.split(".")[0]
         version = importlib.import_module(package).__version__
+        trl_version = importlib.import_module("trl").__version__
         message = (
             f"TRL contract broken: {self.summary} (relied on by {', '.join(self.used_by)}; from {self.source()} in "
-            f"{package} {version}; contract tested on trl {', '.join(TESTED_TRL_VERSIONS)})"
+            f"{package} {version}; contract tested on trl {', '.join(TESTED_TRL_VERSIONS)}, installed {trl_version})"
         )
         return f"{message}: {detail}" if detail else message
 
@@ -103,11 +96,13 @@ ASSUMPTIONS: dict[str, Assumption] = {
             "collator",
             "the trainer's data_collator (DataCollatorForPreference for text data) builds that batch from tokenized "
             "rows with prompt_ids, chosen_ids, rejected_ids (and optional ref_chosen_logps / ref_rejected_logps), "
-            "and the tokenized dataset carries those columns",
+            "truncating each prompt + completion to max_length there (not at tokenization); the prepared dataset "
+            "carries those columns",
             (
                 "trl_cpo._margin_trainer.ReferenceMarginCollator",
                 "trl_cpo.reference.compute_reference_logps",
-                "trl_cpo audit (scores trainer.train_dataset's prompt_ids / chosen_ids / rejected_ids)",
+                "trl_cpo.reference_file.data_digest",
+                "trl_cpo.scripts.audit.score.score",
             ),
             f"{_DPO}:DPOTrainer._prepare_dataset",
         ),
@@ -159,8 +154,8 @@ ASSUMPTIONS: dict[str, Assumption] = {
         Assumption(
             "precompute_hook",
             "_precompute_ref_logps(dataset, name, batch_size) -> dataset is called once per dataset: in __init__ for "
-            "the train set ('train') then each eval set ('eval' or the eval dict's keys), and in evaluate() for each "
-            "dataset passed to it; its return value replaces the dataset",
+            "the train set ('train', passed as the object trainer.train_dataset) then each eval set ('eval' or the eval "
+            "dict's keys), and in evaluate() for each dataset passed to it; its return value replaces the dataset",
             ("trl_cpo._margin_trainer._ReferenceMarginTrainer._precompute_ref_logps",),
             f"{_DPO}:DPOTrainer._precompute_ref_logps",
         ),
@@ -200,24 +195,53 @@ ASSUMPTIONS: dict[str, Assumption] = {
         ),
         Assumption(
             "model_card",
-            "create_model_card reads the class attributes _tag_names, _name and _paper ({title, id, citation}) and "
-            "writes <output_dir>/README.md with a '### Framework versions' heading; __init__ adds _tag_names to the "
-            "model's tags",
+            "DPOTrainer.__init__ adds the class attribute _tag_names to the model's tags; _save_checkpoint calls "
+            "self.create_model_card(model_name=...) for every checkpoint, and Trainer.push_to_hub(**kwargs) calls "
+            "self.create_model_card(model_name=..., **kwargs) (the trainers override it with their own card); "
+            "DPOTrainer._paper holds the DPO paper's title, id and citation",
             (
                 "trl_cpo.cpo_trainer.CPOTrainer",
                 "trl_cpo.ecpoc_trainer.ECPOCTrainer",
-                "trl_cpo.model_card.insert_card_section",
+                "trl_cpo._margin_trainer._ReferenceMarginTrainer.create_model_card",
+                "trl_cpo.model_card.build_model_card",
+                "trl_cpo.scripts.train.DPOBaselineTrainer",
             ),
-            "trl.trainer.base_trainer:_BaseTrainer.create_model_card",
+            f"{_DPO}:DPOTrainer._save_checkpoint",
         ),
         Assumption(
             "get_config_model_id",
             "trl.trainer.utils.get_config_model_id(config) is the model's name or path (config._name_or_path)",
             (
                 "trl_cpo._margin_trainer._ReferenceMarginTrainer._resolve_args",
-                "trl_cpo._margin_trainer._ReferenceMarginTrainer.create_model_card",
+                "trl_cpo.model_card.build_model_card",
             ),
             "trl.trainer.utils:get_config_model_id",
+        ),
+        Assumption(
+            "tracker_urls",
+            "trl.trainer.utils.get_trackio_space_url() and get_comet_experiment_url() take no argument and return the "
+            "run's URL, or None when there is no such run",
+            ("trl_cpo.model_card.build_model_card",),
+            "trl.trainer.utils:get_trackio_space_url",
+        ),
+        Assumption(
+            "save_without_push",
+            "Trainer.save_model(output_dir, _internal_call=True) saves the model without pushing it, even with "
+            "args.push_to_hub set",
+            ("trl_cpo.model_card.write_hub_dry_run",),
+            f"{_TRAINER}:Trainer.save_model",
+        ),
+        Assumption(
+            "push_ignore_patterns",
+            "Trainer.push_to_hub uploads output_dir without the files matching '_*' and 'checkpoint-*'",
+            ("trl_cpo.model_card.hub_upload_files",),
+            f"{_TRAINER}:Trainer.push_to_hub",
+        ),
+        Assumption(
+            "ddp_ignored_buffers",
+            "DistributedDataParallel skips the parameters and buffers named in module._ddp_params_and_buffers_to_ignore",
+            ("trl_cpo.scripts.train.main (--ignore_bias_buffers)",),
+            "torch.nn.parallel.distributed:DistributedDataParallel.__init__",
         ),
         Assumption(
             "disable_gradient_checkpointing",
@@ -358,22 +382,71 @@ def keep_column(trainer, column: str) -> None:
 
 def checkpoint_folder(trainer, trial) -> str:
     """The folder `Trainer._save_checkpoint(model, trial)` is about to write: `<run dir>/checkpoint-<global_step>`."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
     return os.path.join(trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
 
 
-# -- model card (trl.trainer.base_trainer._BaseTrainer.create_model_card, trl/templates/lm_model_card.md) --------------
+def get_last_checkpoint(output_dir: str) -> str | None:
+    """`transformers.trainer_utils.get_last_checkpoint`: the `checkpoint-<step>` folder with the highest step."""
+    from transformers.trainer_utils import get_last_checkpoint as last
 
-#: Heading of TRL's model card template before which the method section is inserted.
-CARD_INSERT_MARKER = "### Framework versions"
+    return last(output_dir)
+
+
+# -- model card and Hub (DPOTrainer.__init__, DPOTrainer._save_checkpoint, Trainer.push_to_hub, Trainer.save_model) -----
 
 
 def card_attributes(*, tags: list[str], name: str, paper: dict[str, str]) -> tuple[list[str], str, dict[str, str]]:
-    """Values for the class attributes `_tag_names, _name, _paper` that `_BaseTrainer.create_model_card` reads.
+    """Values for a trainer's class attributes `_tag_names, _name, _paper`, TRL's names for what a card shows.
 
-    `paper` holds "title", "id" (arXiv id) and "citation" (BibTeX). Use as
-    `_tag_names, _name, _paper = card_attributes(tags=[...], name="...", paper={...})` in a trainer's class body.
+    DPOTrainer.__init__ adds `_tag_names` to the model's tags (`model.add_model_tags`), which `push_to_hub` puts on
+    the card; `trl_cpo.model_card` reads all three. `paper` holds "title", "id" (arXiv id) and "citation" (BibTeX). Use
+    as `_tag_names, _name, _paper = card_attributes(tags=[...], name="...", paper={...})` in a trainer's class body.
     """
     return list(tags), name, dict(paper)
+
+
+def dpo_paper() -> dict[str, str]:
+    """DPOTrainer's `_paper` class attribute: the DPO paper's "title", "id" and "citation" (for the DPO baseline)."""
+    from trl import DPOTrainer
+
+    return dict(DPOTrainer._paper)
+
+
+def get_config_model_id(config) -> str:
+    """`trl.trainer.utils.get_config_model_id(config)`: the model's name or path (`config._name_or_path`)."""
+    from trl.trainer.utils import get_config_model_id as model_id
+
+    return model_id(config)
+
+
+def tracker_urls() -> dict[str, str]:
+    """Links to the run's Trackio space and Comet experiment, where there are ones, as TRL's model card finds them.
+
+    `trl.trainer.utils.get_trackio_space_url()` and `get_comet_experiment_url()`: a URL, or None without a run.
+    """
+    from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url
+
+    urls = {"Trackio": get_trackio_space_url(), "Comet experiment": get_comet_experiment_url()}
+    return {name: url for name, url in urls.items() if url is not None}
+
+
+def save_model_without_push(trainer, output_dir: str | None = None) -> None:
+    """`Trainer.save_model(output_dir, _internal_call=True)`: save (gathering sharded weights) without the push that
+    `save_model` otherwise makes when `args.push_to_hub` is set."""
+    trainer.save_model(output_dir, _internal_call=True)
+
+
+#: What `Trainer.push_to_hub` passes to `upload_folder` as `ignore_patterns` (transformers trainer.py,
+#: `Trainer.push_to_hub`: `["_*", f"{PREFIX_CHECKPOINT_DIR}-*"]`); huggingface_hub adds its own defaults.
+PUSH_IGNORE_PATTERNS = ("_*", "checkpoint-*")
+
+
+def ignore_in_ddp(model, names: list[str]) -> None:
+    """Make DistributedDataParallel skip these parameters / buffers (it reads `module._ddp_params_and_buffers_to_ignore`
+    when it wraps the model): booleans (e.g. causal masks of some architectures) cannot be broadcast."""
+    model._ddp_params_and_buffers_to_ignore = list(names)
 
 
 # -- evaluation metrics (transformers Trainer.evaluate, trainer_utils.speed_metrics) -----------------------------------
@@ -420,13 +493,30 @@ METHOD_ASSUMPTIONS = {
 
 def check_dpo_trainer(cls=None) -> None:
     """Raise `RuntimeError` with the broken assumption if DPOTrainer lacks a method trl_cpo overrides or calls."""
-    cls = cls or trl.DPOTrainer
+    if cls is None:
+        from trl import DPOTrainer as cls
     for name, params in DPO_METHODS.items():
         method = getattr(cls, name, None)
         found = () if method is None else tuple(inspect.signature(method).parameters)[1:]
         if method is None or found[: len(params)] != params:
             detail = f"{cls.__name__}.{name}{'' if method is None else found} is not {name}{params}"
             raise RuntimeError(ASSUMPTIONS[METHOD_ASSUMPTIONS[name]].broken(detail))
+
+
+@contextlib.contextmanager
+def disable_gradient_checkpointing(model, gradient_checkpointing_kwargs: dict | None = None) -> Iterator[None]:
+    """`trl.models.utils.disable_gradient_checkpointing`: gradient checkpointing off inside the block, back on after."""
+    from trl.models.utils import disable_gradient_checkpointing as disabled
+
+    with disabled(model, gradient_checkpointing_kwargs):
+        yield
+
+
+def preference_collator_class() -> type:
+    """`trl.trainer.dpo_trainer.DataCollatorForPreference`, the collator DPOTrainer uses for text data."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    return DataCollatorForPreference
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ Runs (the spec lists them, in order):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import runpy
@@ -29,20 +28,15 @@ from fsdp2_harness import clear_fsdp_env, enable_cpu_fsdp2, fsdp2_facts  # noqa:
 from transformers import TrainerCallback  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-#: The recipe script, and the one place the DPO baseline is imported from (it may move into the package).
+#: The recipe script.
 RECIPE = REPO / "recipes" / "cpo_llama3.py"
 
 
 def dpo_baseline_classes():
-    """(trainer class, config class) of the recipe's DPO baseline."""
-    name = "cpo_llama3_recipe"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, RECIPE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-    module = sys.modules[name]
-    return module.DPOBaselineTrainer, module.DPOBaselineConfig
+    """(trainer class, config class) of the recipe's DPO baseline (in the package's train script)."""
+    from trl_cpo.scripts.train import DPOBaselineConfig, DPOBaselineTrainer
+
+    return DPOBaselineTrainer, DPOBaselineConfig
 
 
 def trainer_classes(method):
