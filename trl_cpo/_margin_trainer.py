@@ -25,6 +25,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from ._config_utils import logger, upgrade_dpo_config
+from ._distributed import end_distributed_run
 from ._grad_check import FirstStepGradientCheck
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import insert_card_section, method_card_section
@@ -326,6 +327,11 @@ class _ReferenceMarginTrainer(DPOTrainer):
             self.eval_dataset = {**self.eval_dataset, name: dataset}
         else:
             self.eval_dataset = dataset
+
+    def end(self):
+        """Finish the trackers and destroy the process group, as `Trainer.end`, without the gloo teardown deadlock
+        (`trl_cpo._distributed`): all ranks meet first, and the group outlives DDP's reducer."""
+        end_distributed_run(super().end, self.accelerator.wait_for_everyone)
 
     # -- model card ---------------------------------------------------------------------------------------------------
 
