@@ -2,9 +2,9 @@
 
 The deadlock is a race (the gloo worker thread that ran the last all-gather must be descheduled at the wrong moment),
 so each check repeats it, under a timeout; a run that does not exit has its process group killed and fails the test
-with its output. Without the fix, on the 2-core machine these tests were written on: the reduced worker
-(tests/scripts/teardown_worker.py) deadlocked within its first 20 ends in every launch (7 of 7); the recipe hung after
-"Saved to ..." in 1 of 11 runs (1 in 8 in the original report); with it, 0 of 20.
+with its output. Without the fix, on the 2-core machine these tests were written on, the reduced worker
+(tests/scripts/teardown_worker.py) deadlocked in every launch (within 20 ends in 3 of 3, within 30 in 4 of 4), and
+the recipe hung after "Saved to ..." in 1 of 11 runs (1 in 8 in the original report); with the fix, 0 of 20.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from helpers import load_script, subprocess_env
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "scripts" / "teardown_worker.py"
 RECIPE = REPO / "recipes" / "cpo_llama3.py"
-#: Without the fix (the worker's "plain" mode), the worker deadlocked within 20 ends in 3 of 3 launches, within 30 in 4 of 4.
+#: Ends per launch of the reduced worker; in its "plain" mode (no fix) it deadlocked within 20 in 3 of 3 launches.
 TEARDOWN_ITERATIONS = 20
 
 
