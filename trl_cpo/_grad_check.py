@@ -53,14 +53,15 @@ def check_first_step_gradients(model: torch.nn.Module, *, inspect_grads: bool = 
         import bitsandbytes
 
         problems.append(
-            f"{len(repacked)} bitsandbytes 4-bit layers are in bitsandbytes' CPU inference layout ({_names(repacked)}), "
-            "whose matmul (gemv_4bit) has no backward: gradients through them are dropped, so LoRA adapters get none "
-            "or wrong ones. bitsandbytes repacks a layer on CPUs with AVX512-BF16 when it runs in eval mode on an input "
-            "that needs no grad; trl_cpo switches that off (trl_cpo.quantization.keep_4bit_layers_trainable), so the "
-            f"installed bitsandbytes {bitsandbytes.__version__} must repack in a way this version of trl_cpo does not "
-            "know. Work around it by calling `model.train()` before building the trainer and keeping the model out "
-            "of eval-mode forwards (no eval during training), or install bitsandbytes 0.50.x, and please report it. "
-            "See docs/bitsandbytes-cpu-repack.md."
+            f"{len(repacked)} bitsandbytes 4-bit layers are in bitsandbytes' CPU inference layout "
+            f"({_names(repacked)}), whose matmul (gemv_4bit) has no backward: gradients through them are dropped, so "
+            "LoRA adapters get none or wrong ones. bitsandbytes repacks a layer on CPUs with AVX512-BF16 when it runs "
+            "in eval mode on an input that needs no grad; trl_cpo switches that off "
+            "(trl_cpo.quantization.keep_4bit_layers_trainable), so the installed bitsandbytes "
+            f"{bitsandbytes.__version__} must repack in a way this version of trl_cpo does not know. Work around it by "
+            "calling `model.train()` before building the trainer and keeping the model out of eval-mode forwards (no "
+            "eval during training), or install bitsandbytes 0.50.x, and please report it. See "
+            "docs/bitsandbytes-cpu-repack.md."
         )
     elif missing:
         problems.append(
