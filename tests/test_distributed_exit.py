@@ -70,7 +70,8 @@ def tiny_model(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("attempt", range(3))
+# The reduced worker above is the deterministic regression test; these repeat the real 2-process recipe end.
+@pytest.mark.parametrize("attempt", range(2))
 def test_two_process_recipe_exits(tiny_model, tmp_path, attempt):
     out = tmp_path / "run"
     args = [RECIPE, "--config", REPO / "recipes" / "configs" / "tiny_cpu.yaml"]
