@@ -24,10 +24,13 @@ from trl import DPOConfig, DPOTrainer
 
 from . import _trl_compat
 from ._config_utils import from_dpo_config, logger
+from ._distributed import end_distributed_run
+from ._grad_check import FirstStepGradientCheck
 from .logps import is_length_normalized, to_loss_space
 from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import write_model_card
+from .quantization import keep_4bit_layers_trainable
 from .reference import (
     ReferenceLogps,
     checkpoint_reference_path,
@@ -109,6 +112,9 @@ class _ReferenceMarginTrainer(DPOTrainer):
     ):
         _trl_compat.check_dpo_trainer()
         args = self._resolve_args(args, model)
+        if isinstance(model, torch.nn.Module):
+            # Before DPOTrainer reads the model's state dict, which would silently "undo" a bitsandbytes CPU repack.
+            keep_4bit_layers_trainable(model)
         if isinstance(train_dataset, IterableDataset):
             raise ValueError(
                 f"{type(self).__name__} needs a map-style `datasets.Dataset` for `train_dataset`: the reference "
@@ -136,6 +142,10 @@ class _ReferenceMarginTrainer(DPOTrainer):
         self.data_collator = ReferenceMarginCollator(self.data_collator)
         self._policy_logps = _PolicyLogpsRecorder(self.model)
         self.add_callback(_ReferenceReportLogger(self))
+        # Under DeepSpeed and FSDP `.grad` does not hold a rank's full gradient: only the 4-bit layout is checked.
+        self.add_callback(
+            FirstStepGradientCheck(inspect_grads=not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
+        )
 
     @classmethod
     def _resolve_args(cls, args, model):
@@ -173,6 +183,9 @@ class _ReferenceMarginTrainer(DPOTrainer):
                 f"Dataset {name!r} is an IterableDataset; {type(self).__name__} precomputes a margin per pair and "
                 "needs a map-style `datasets.Dataset`."
             )
+        # The precompute is an eval-mode, no-grad forward of the policy: keep bitsandbytes from repacking its 4-bit
+        # layers into a CPU inference layout that cannot be trained afterwards.
+        keep_4bit_layers_trainable(self.model)
         is_train = dataset is self.train_dataset
         # A dataset that went through this step before (e.g. `evaluate(trainer.eval_dataset)`) is recomputed from
         # scratch: its old columns must not reach the reference forward.
@@ -353,6 +366,11 @@ class _ReferenceMarginTrainer(DPOTrainer):
             self.eval_dataset = {**self.eval_dataset, name: dataset}
         else:
             self.eval_dataset = dataset
+
+    def end(self):
+        """Finish the trackers and destroy the process group, as `Trainer.end`, without the gloo teardown deadlock
+        (`trl_cpo._distributed`): all ranks meet first, and the group outlives DDP's reducer."""
+        end_distributed_run(super().end, self.accelerator.wait_for_everyone)
 
     # -- model card ---------------------------------------------------------------------------------------------------
 
