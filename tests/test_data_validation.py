@@ -223,13 +223,14 @@ def test_valid_explicit_and_implicit_text_data_trains(tokenizer, tmp_path):
         assert len(trainer.train_reference_logps) == 8
 
 
-def test_the_audit_uses_the_same_validator(tmp_path):
-    from trl_cpo import audit
+def test_the_audit_uses_the_same_validator():
     from trl_cpo.data import validate_preference_dataset
+    from trl_cpo.scripts.audit.args import AuditError
+    from trl_cpo.scripts.audit.data import check_pairs
 
     bad = Dataset.from_list(with_row(make_pairs(4), 2, rejected=""))
     with pytest.raises(ValueError) as trainer_side:
         validate_preference_dataset(bad, "--dataset_name data.jsonl")
-    with pytest.raises(audit.AuditError) as audit_side:
-        audit.prepare_pairs(bad, "data.jsonl")
+    with pytest.raises(AuditError) as audit_side:
+        check_pairs(bad, "--dataset_name data.jsonl")
     assert str(audit_side.value) == str(trainer_side.value)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_pairs
-from helpers import load_script, subprocess_env
+from helpers import free_port, load_script, make_pairs, subprocess_env
 from safetensors.torch import load_file
 
 from trl_cpo.reference import REFERENCE_FILE
@@ -103,12 +101,6 @@ def accelerate_launch_env() -> dict[str, str]:
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
     env = prepare_multi_gpu_env(args)
     return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_worker():

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import cpu_args, load_script
+from helpers import REPO, cpu_args, load_script
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,7 +32,6 @@ from trl_cpo.model_card import (
 )
 from trl_cpo.scripts import train as train_script
 
-REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
 
 

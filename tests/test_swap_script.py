@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_pairs
-from helpers import subprocess_env
+from helpers import make_pairs, subprocess_env
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "scripts" / "dpo_cpo.py"

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import _trl_compat
+
 #: Token-id columns of a dataset prepared by `trl.DPOTrainer` (what the reference actually scored).
-TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+TOKEN_COLUMNS = _trl_compat.TOKENIZED_COLUMNS
 
 
 def pair_digests(dataset, columns: tuple[str, ...] = TOKEN_COLUMNS, batch_size: int = 4096) -> torch.Tensor:

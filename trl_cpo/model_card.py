@@ -22,6 +22,8 @@ import shutil
 import textwrap
 from pathlib import Path
 
+from . import _trl_compat
+
 logger = logging.getLogger("trl_cpo")
 
 PAPER_ID = "2605.20834"
@@ -54,7 +56,7 @@ NAMING_NOTE = (
 HUB_DRY_RUN_DIR = "_hub_dry_run"
 #: What `Trainer.push_to_hub` passes to `upload_folder` as `ignore_patterns` (transformers 5.23, trainer.py:4419:
 #: `["_*", f"{PREFIX_CHECKPOINT_DIR}-*"]`); huggingface_hub adds its `DEFAULT_IGNORE_PATTERNS` (.git, .cache).
-TRAINER_PUSH_IGNORE_PATTERNS = ("_*", "checkpoint-*")
+TRAINER_PUSH_IGNORE_PATTERNS = _trl_compat.PUSH_IGNORE_PATTERNS
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,7 +228,6 @@ def _framework_versions() -> str:
 
 def _tracker_links() -> str:
     from transformers import is_wandb_available
-    from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url
 
     links = []
     if is_wandb_available():
@@ -234,10 +235,7 @@ def _tracker_links() -> str:
 
         if wandb.run is not None:
             links.append(f"[Weights & Biases run]({wandb.run.url})")
-    if (url := get_trackio_space_url()) is not None:
-        links.append(f"[Trackio]({url})")
-    if (url := get_comet_experiment_url()) is not None:
-        links.append(f"[Comet experiment]({url})")
+    links += [f"[{name}]({url})" for name, url in _trl_compat.tracker_urls().items()]
     return f"Logs: {', '.join(links)}.\n\n" if links else ""
 
 
@@ -252,9 +250,8 @@ def build_model_card(
 ):
     """The `huggingface_hub.ModelCard` of a trl-cpo trainer (see the module docstring for what it holds)."""
     from huggingface_hub import ModelCard, ModelCardData
-    from trl.trainer.utils import get_config_model_id
 
-    name_or_path = get_config_model_id(trainer.model.config)
+    name_or_path = _trl_compat.get_config_model_id(trainer.model.config)
     base_hub_id, base_model = resolve_base_model(name_or_path, base_model_id)
     dataset_ids, datasets = resolve_datasets(dataset_name)
     license = license or base_model_license(name_or_path, base_hub_id)
@@ -358,7 +355,7 @@ def write_hub_dry_run(trainer, **card_kwargs) -> Path | None:
         )
     # As Trainer.push_to_hub: save on every process (sharded models gather), then the main process writes the card.
     # `_internal_call=True` keeps save_model from pushing (it pushes when args.push_to_hub is set).
-    trainer.save_model(_internal_call=True)
+    _trl_compat.save_model_without_push(trainer)
     if not trainer.is_world_process_zero():
         return None
     model_name = args.hub_model_id.split("/")[-1] if args.hub_model_id else Path(args.output_dir).name

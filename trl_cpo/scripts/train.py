@@ -35,8 +35,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from trl import DatasetMixtureConfig, DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser
+from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, ScriptArguments, TrlParser
 
+from trl_cpo import _trl_compat
 from trl_cpo.cpo_config import CPOConfig
 from trl_cpo.cpo_trainer import CPOTrainer
 from trl_cpo.logps import is_length_normalized
@@ -165,6 +166,13 @@ class CPORecipeConfig(DPOConfig):
     ecpoc_alpha: float | None = field(
         default=None, metadata={"help": "E-CPOC only. Correction scale 1/ecpoc_alpha (default 1)."}
     )
+    reference_logps_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train-set reference log-probs written by `trl-cpo audit --config <this YAML>`: read instead of "
+            "running the reference again when their fingerprint matches (all three methods)."
+        },
+    )
 
     def __post_init__(self):
         # Raw container: validation and TrainingArguments' post-processing happen in the real config class.
@@ -199,6 +207,7 @@ def to_trainer_config(raw: CPORecipeConfig, method: str) -> DPOConfig:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; use one of {list(METHODS)}.")
     kwargs = {f.name: getattr(raw, f.name) for f in dataclasses.fields(DPOConfig) if f.init}
+    kwargs["reference_logps_file"] = raw.reference_logps_file
     ignored = []
     for name in ALL_METHOD_FIELDS:
         value = getattr(raw, name)
@@ -262,7 +271,7 @@ class DPOBaselineTrainer(CPOTrainer):
     )
     _tag_names = ["trl", "dpo", "trl-cpo"]
     _name = "DPO baseline (of a CPO comparison)"
-    _paper = DPOTrainer._paper
+    _paper = _trl_compat.dpo_paper()
 
     @property
     def _card_description(self) -> str:  # read by trl_cpo.model_card
@@ -431,9 +440,9 @@ def train(script_args, training_args, model_args, dataset_args):
         import torch
 
         # DDP cannot broadcast boolean buffers (e.g. causal masks of some architectures).
-        trainer.model._ddp_params_and_buffers_to_ignore = [
-            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
-        ]
+        _trl_compat.ignore_in_ddp(
+            trainer.model, [name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool]
+        )
 
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(train_result.metrics)
