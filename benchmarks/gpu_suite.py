@@ -133,8 +133,7 @@ def part_step_time(args, cuda: bool, qlora: bool) -> dict:
         if cuda
         else "peak RSS growth of the suite's own process (trainers run in-process): not a per-trainer figure"
     )
-    if not cuda:
-        config["layers"] = st.SHAPES[st_args.shape][1]
+    config["layers"] = st_args.num_layers or st.SHAPES[st_args.shape][1]
     return {"status": "passed", "config": config, "trainers": trainers, "runs": runs}
 
 
@@ -360,12 +359,12 @@ def markdown(result: dict) -> str:
             "",
             f"## {name}{unit}",
             "",
-            f"shape {c['shape']} (layers {c.get('num_layers') or c.get('layers', '?')}), {c['dtype']}, 4-bit "
+            f"shape {c['shape']} ({c['layers']} layers), {c['dtype']}, 4-bit "
             f"{c['load_in_4bit']}, LoRA {c['lora']}, {c['per_device_train_batch_size']} pairs x {c['seq']} "
             f"tokens per step, {c['rounds']} rounds x {c['steps']} timed steps; memory: {c['memory']}.",
             "",
-            f"| trainer | step s{unit} | tokens/s{unit} | peak MiB{unit} | time / DPO precomputed | "
-            "time / DPO live | mem / DPO precomputed | mem / DPO live |",
+            f"| trainer | step s{unit} | tokens/s{unit} | peak MiB{unit} | time / DPO precomputed{unit} | "
+            f"time / DPO live{unit} | mem / DPO precomputed{unit} | mem / DPO live{unit} |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for trainer, s in part["trainers"].items():
@@ -408,6 +407,9 @@ def _details(name: str, part: dict) -> str:
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.tiny:
+        # A smoke run stays on the CPU even on a GPU machine (the step-time children pick CUDA when they see it).
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     cuda = torch.cuda.is_available() and not args.tiny
