@@ -25,7 +25,8 @@ Parts (each recorded as passed, failed or skipped with the reason; a part is nev
 
 A --tiny run's numbers are CPU smoke values that show the code paths work, never GPU results: its JSON says
 `"kind": "cpu_smoke"` and `"device": "cpu"`, and its Markdown opens with "CPU smoke run (--tiny): not GPU results".
-On a GPU, each part fits the 10-minute slot of a lent machine when run alone (`--parts ... --update`).
+`--parts ... --update` splits a GPU run over several sessions (how long each part takes on a GPU is
+not known yet: the suite has not run on one).
 """
 
 from __future__ import annotations
