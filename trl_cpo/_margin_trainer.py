@@ -20,15 +20,17 @@ from typing import Any
 
 import torch
 from datasets import IterableDataset
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.utils import get_config_model_id
 
+from . import _trl_compat
 from ._config_utils import from_dpo_config, logger
-from .logps import completion_lengths, is_length_normalized, to_loss_space
+from ._distributed import end_distributed_run
+from ._grad_check import FirstStepGradientCheck
+from .logps import is_length_normalized, to_loss_space
 from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
-from .model_card import insert_card_section, method_card_section
+from .model_card import write_model_card
+from .quantization import keep_4bit_layers_trainable
 from .reference import (
     ReferenceLogps,
     checkpoint_reference_path,
@@ -38,13 +40,14 @@ from .reference import (
     save_reference_checkpoint,
     with_columns,
 )
+from .reference_file import load_matching_reference_logps, reference_fingerprint
 from .report import ReferenceReport, reference_report
 from .report_callback import _ReferenceReportLogger, announce_report
 
 #: Dataset column (and batch key) holding the per-pair margin, in logit units.
 MARGIN_COLUMN = "reference_margin"
 #: Columns DPOTrainer reads its precomputed reference log-probs from (summed over completion tokens).
-REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+REFERENCE_COLUMNS = _trl_compat.REFERENCE_COLUMNS
 
 
 @dataclass
@@ -76,8 +79,9 @@ class _PolicyLogpsRecorder:
         self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs, output):
-        if self._active and kwargs.get("fused_lm_head") and self.log_probs is None:
-            self.log_probs = output.log_probs.detach()
+        log_probs = _trl_compat.fused_head_log_probs(kwargs, output) if self._active else None
+        if log_probs is not None and self.log_probs is None:
+            self.log_probs = log_probs.detach()
 
     @contextlib.contextmanager
     def recording(self):
@@ -90,13 +94,11 @@ class _PolicyLogpsRecorder:
     def sequence_logps(self, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.log_probs is None:
             raise RuntimeError(
-                "trl_cpo could not observe the policy's log-probs: DPOTrainer's forward no longer went through the "
-                "model's fused LM head. This TRL version is not supported; please report it."
+                _trl_compat.ASSUMPTIONS["fused_lm_head"].broken("no fused-LM-head forward of the policy was seen")
             )
         # Same reduction as DPOTrainer without ld_alpha (rejected by the config): the fused head already zeroes
         # non-completion positions, so a plain sum over the (shifted) sequence is the completion log-prob.
-        seq_len = completion_mask.size(1) - 1
-        return self.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+        return _trl_compat.summed_completion_logps(self.log_probs, completion_mask)
 
 
 class _ReferenceMarginTrainer(DPOTrainer):
@@ -108,7 +110,11 @@ class _ReferenceMarginTrainer(DPOTrainer):
     def __init__(
         self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None, **kwargs
     ):
+        _trl_compat.check_dpo_trainer()
         args = self._resolve_args(args, model)
+        if isinstance(model, torch.nn.Module):
+            # Before DPOTrainer reads the model's state dict, which would silently "undo" a bitsandbytes CPU repack.
+            keep_4bit_layers_trainable(model)
         if isinstance(train_dataset, IterableDataset):
             raise ValueError(
                 f"{type(self).__name__} needs a map-style `datasets.Dataset` for `train_dataset`: the reference "
@@ -121,6 +127,9 @@ class _ReferenceMarginTrainer(DPOTrainer):
         self.eval_reference_logps: dict[str, ReferenceLogps] = {}
         #: What the reference says about the train set (`trl_cpo.report`), computed at the precompute.
         self.reference_report: ReferenceReport | None = None
+        #: Defaults for `create_model_card`'s keyword arguments (dataset_name, base_model_id, license, ...), so the
+        #: cards DPOTrainer writes at each checkpoint (and pushes with `hub_strategy`) are as complete as the last.
+        self.model_card_kwargs: dict[str, Any] = {}
         super().__init__(
             model,
             ref_model=ref_model,
@@ -133,12 +142,16 @@ class _ReferenceMarginTrainer(DPOTrainer):
         self.data_collator = ReferenceMarginCollator(self.data_collator)
         self._policy_logps = _PolicyLogpsRecorder(self.model)
         self.add_callback(_ReferenceReportLogger(self))
+        # Under DeepSpeed and FSDP `.grad` does not hold a rank's full gradient: only the 4-bit layout is checked.
+        self.add_callback(
+            FirstStepGradientCheck(inspect_grads=not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
+        )
 
     @classmethod
     def _resolve_args(cls, args, model):
         config_cls = cls.method.config_class
         if args is None:
-            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            name = model if isinstance(model, str) else _trl_compat.get_config_model_id(model.config)
             return config_cls(f"{str(name).split('/')[-1]}-{config_cls._method_name}")
         if isinstance(args, config_cls):
             return args
@@ -170,14 +183,24 @@ class _ReferenceMarginTrainer(DPOTrainer):
                 f"Dataset {name!r} is an IterableDataset; {type(self).__name__} precomputes a margin per pair and "
                 "needs a map-style `datasets.Dataset`."
             )
+        # The precompute is an eval-mode, no-grad forward of the policy: keep bitsandbytes from repacking its 4-bit
+        # layers into a CPU inference layout that cannot be trained afterwards.
+        keep_4bit_layers_trainable(self.model)
         is_train = dataset is self.train_dataset
         # A dataset that went through this step before (e.g. `evaluate(trainer.eval_dataset)`) is recomputed from
         # scratch: its old columns must not reach the reference forward.
         stale = [c for c in (*REFERENCE_COLUMNS, MARGIN_COLUMN) if c in dataset.column_names]
         dataset = dataset.remove_columns(stale) if stale else dataset
-        reference = compute_reference_logps(
-            self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
-        )
+        reference = None
+        if is_train and getattr(self.args, "reference_logps_file", None):
+            # One reference pass: the audit's file, if it was computed on these inputs (else a ValueError saying why).
+            reference = load_matching_reference_logps(
+                self.args.reference_logps_file, reference_fingerprint(self, dataset)
+            )
+        if reference is None:
+            reference = compute_reference_logps(
+                self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
+            )
         if is_train:
             self.train_reference_logps = reference
             self._choose_method_settings(reference)
@@ -191,7 +214,11 @@ class _ReferenceMarginTrainer(DPOTrainer):
         margin = self.reference_margin(reference)
         return with_columns(
             dataset,
-            {"ref_chosen_logps": reference.chosen, "ref_rejected_logps": reference.rejected, MARGIN_COLUMN: margin},
+            {
+                _trl_compat.REF_CHOSEN_LOGPS: reference.chosen,
+                _trl_compat.REF_REJECTED_LOGPS: reference.rejected,
+                MARGIN_COLUMN: margin,
+            },
         )
 
     def _choose_method_settings(self, reference: ReferenceLogps) -> None:
@@ -204,8 +231,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if MARGIN_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, MARGIN_COLUMN]
+        _trl_compat.keep_column(self, MARGIN_COLUMN)
 
     # -- loss and metrics ---------------------------------------------------------------------------------------------
 
@@ -216,25 +242,25 @@ class _ReferenceMarginTrainer(DPOTrainer):
                 "it as `train_dataset`/`eval_dataset` or to `evaluate(eval_dataset=...)`, and keep a collator that "
                 "forwards extra columns."
             )
-        mode = "train" if self.model.training else "eval"
+        mode = _trl_compat.metrics_mode(self)
         margin = inputs[MARGIN_COLUMN]
-        chosen_lengths, rejected_lengths = (n.clamp(min=1) for n in completion_lengths(inputs["completion_mask"]))
+        chosen_lengths, rejected_lengths = _trl_compat.sigmoid_norm_lengths(inputs[_trl_compat.COMPLETION_MASK])
         # Raise the reference log-odds by margin/beta in the loss's space: summed log-probs take it as is; TRL's
         # 'sigmoid_norm' divides by the completion length (clamped to 1, as here), so the shift is pre-multiplied.
         shift = margin / self.args.beta
         if self.length_normalized:
             shift = shift * chosen_lengths.to(shift.device)
         shifted = {k: v for k, v in inputs.items() if k != MARGIN_COLUMN}
-        shifted["ref_chosen_logps"] = inputs["ref_chosen_logps"] + shift
+        shifted[_trl_compat.REF_CHOSEN_LOGPS] = inputs[_trl_compat.REF_CHOSEN_LOGPS] + shift
         with self._policy_logps.recording():
             result = super().compute_loss(model, shifted, return_outputs, num_items_in_batch)
-        policy_chosen, policy_rejected = self._policy_logps.sequence_logps(inputs["completion_mask"])
+        policy_chosen, policy_rejected = self._policy_logps.sequence_logps(inputs[_trl_compat.COMPLETION_MASK])
         self._log_reference_metrics(
             mode,
             policy_chosen.float(),
             policy_rejected.float(),
-            inputs["ref_chosen_logps"].float(),
-            inputs["ref_rejected_logps"].float(),
+            inputs[_trl_compat.REF_CHOSEN_LOGPS].float(),
+            inputs[_trl_compat.REF_REJECTED_LOGPS].float(),
             chosen_lengths.to(margin.device),
             rejected_lengths.to(margin.device),
             margin.float(),
@@ -253,7 +279,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
             *to_loss_space(policy_chosen, policy_rejected, *lengths),
             *to_loss_space(ref_chosen, ref_rejected, *lengths),
         )
-        metrics = self._metrics[mode]
+        metrics = _trl_compat.metric_lists(self, mode)
         metrics["u_fraction"].append(u_fraction(*space, atol=U_FRACTION_ATOL).item())
         metrics["ref_misaligned_fraction"].append(ref_misaligned_fraction(*space[2:]).item())
         delta_ref = space[2] - space[3]
@@ -274,9 +300,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
         # Written before the parent saves the checkpoint, because with `hub_strategy="checkpoint"` the parent also
         # pushes the folder: the reference log-probs must already be in it.
         if self.is_world_process_zero() and self.train_reference_logps is not None:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
+            folder = _trl_compat.checkpoint_folder(self, trial)
             os.makedirs(folder, exist_ok=True)
             evals = {f"eval/{name}": reference for name, reference in self.eval_reference_logps.items()}
             save_reference_checkpoint(
@@ -289,7 +313,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+            checkpoint = _trl_compat.get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, str) and os.path.isfile(checkpoint_reference_path(checkpoint)):
             self._restore_reference(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -343,16 +367,23 @@ class _ReferenceMarginTrainer(DPOTrainer):
         else:
             self.eval_dataset = dataset
 
+    def end(self):
+        """Finish the trackers and destroy the process group, as `Trainer.end`, without the gloo teardown deadlock
+        (`trl_cpo._distributed`): all ranks meet first, and the group outlives DDP's reducer."""
+        end_distributed_run(super().end, self.accelerator.wait_for_everyone)
+
     # -- model card ---------------------------------------------------------------------------------------------------
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if not self.is_world_process_zero():
-            return
-        base_model = get_config_model_id(self.model.config)
-        if base_model and os.path.isdir(base_model):
-            base_model += " (a local directory: replace it with the Hub id it came from)"
-        section = method_card_section(
-            self.method, self.args, base_model=base_model, dataset_name=dataset_name, report=self.reference_report
+    def create_model_card(
+        self, model_name=None, dataset_name=None, tags=None, *, base_model_id: str | None = None, license=None
+    ):
+        """Write the model card to `output_dir/README.md` (`trl_cpo.model_card.build_model_card`).
+
+        `dataset_name` is a name or a list of names; only Hub ids are linked. `base_model_id` names the Hub model a
+        local base was downloaded from, and `license` sets the card's license (else the base model's own card's).
+        `push_to_hub(...)` passes its keyword arguments here; unset ones default to `self.model_card_kwargs`.
+        """
+        given = dict(
+            model_name=model_name, dataset_name=dataset_name, tags=tags, base_model_id=base_model_id, license=license
         )
-        insert_card_section(os.path.join(self.args.output_dir, "README.md"), section)
+        write_model_card(self, **{**self.model_card_kwargs, **{k: v for k, v in given.items() if v is not None}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._config_utils import logger
 from ._margin_trainer import _ReferenceMarginTrainer
+from ._trl_compat import card_attributes
 from .methods import METHODS
 from .model_card import CITATION, PAPER_ID, PAPER_TITLE
 from .reference import ReferenceLogps
@@ -25,9 +26,11 @@ class CPOTrainer(_ReferenceMarginTrainer):
 
     method = METHODS["cpo"]
 
-    _tag_names = ["trl", "trl-cpo", "constrained-preference-optimization"]
-    _name = "CPO (Constrained Preference Optimization)"
-    _paper = {"title": PAPER_TITLE, "id": PAPER_ID, "citation": CITATION}
+    _tag_names, _name, _paper = card_attributes(
+        tags=["trl", "trl-cpo", "constrained-preference-optimization"],
+        name="CPO (Constrained Preference Optimization)",
+        paper={"title": PAPER_TITLE, "id": PAPER_ID, "citation": CITATION},
+    )
 
     def _choose_method_settings(self, reference: ReferenceLogps) -> None:
         share = self.args.cpo_auto_gamma

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import _trl_compat
 from .logps import completion_lengths, to_loss_space
 
 #: File written into each checkpoint folder by the CPO / E-CPOC trainers.
@@ -72,11 +73,7 @@ def _reference_model(trainer):
     # not-yet-prepared policy needs an inference engine to place (ZeRO-1/2) or gather (ZeRO-3) its parameters; reuse
     # the one DPOTrainer keeps for this purpose.
     if trainer.ref_model is None and trainer.is_deepspeed_enabled:
-        if trainer._precompute_engine is None:
-            from trl.models import prepare_deepspeed
-
-            trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
-        return trainer._precompute_engine
+        return _trl_compat.deepspeed_precompute_engine(trainer)
     return trainer.ref_model or trainer.model
 
 
@@ -131,8 +128,8 @@ def compute_reference_logps(
     parts: list[tuple[torch.Tensor, ...]] = []
     show_progress = trainer.accelerator.is_local_main_process and not os.environ.get("TQDM_DISABLE")
     for batch in tqdm(loader, desc=desc, disable=not show_progress):
-        chosen, rejected = trainer.compute_ref_log_probs(model, batch)
-        chosen_lengths, rejected_lengths = completion_lengths(batch["completion_mask"])
+        chosen, rejected = _trl_compat.reference_logps(trainer, model, batch)
+        chosen_lengths, rejected_lengths = completion_lengths(batch[_trl_compat.COMPLETION_MASK])
         # gather_for_metrics drops the samples that even_batches duplicated to fill the last step, so the
         # concatenation has exactly one row per dataset example, in dataset order.
         gathered = trainer.accelerator.gather_for_metrics(
