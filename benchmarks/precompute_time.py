@@ -117,6 +117,7 @@ def main(argv=None):
     from trl import DPOConfig, DPOTrainer
 
     from trl_cpo import CPOConfig, CPOTrainer
+    from trl_cpo._trl_compat import PRECOMPUTE_METHOD  # DPOTrainer._precompute_ref_logps, which ours overrides
     from trl_cpo.reference import _longest_first, compute_reference_logps
     from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
@@ -191,7 +192,7 @@ def main(argv=None):
 
         def run_trl():
             before = set(os.listdir(cache_dir))
-            out = trl._precompute_ref_logps(trl_tokenized, "train", args.batch_size)
+            out = getattr(trl, PRECOMPUTE_METHOD)(trl_tokenized, "train", args.batch_size)
             written = set(os.listdir(cache_dir)) - before
             if not written:
                 sys.exit("TRL's precompute wrote no new cache file: it read a cached result instead of computing")
@@ -200,7 +201,7 @@ def main(argv=None):
         def run_ours():
             with contextlib.redirect_stdout(io.StringIO()):
                 # The trainer's train set itself, so the whole train-set step runs (report included).
-                return ours._precompute_ref_logps(ours.train_dataset, "train", args.batch_size), set()
+                return getattr(ours, PRECOMPUTE_METHOD)(ours.train_dataset, "train", args.batch_size), set()
 
         def run_ours_unsorted():
             return compute_reference_logps(

@@ -137,9 +137,10 @@ def test_two_processes_uneven_batches(trainer, tmp_path, tokenizer):
     )
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
 
-    # One process, dataset order, same tokenization (the trainer's own pipeline on the same rows).
-    dataset = trainer._prepare_dataset(Dataset.from_list(rows), trainer.processing_class, trainer.args, "train")
-    single = compute_reference_logps(trainer, dataset, batch_size=3, sort_by_length=False)
+    # One process, dataset order, same model and tokenization (a trainer built here on the same rows).
+    local = CPOTrainer(str(model_dir), args=trainer.args, train_dataset=Dataset.from_list(rows))
+    dataset = local.train_dataset.remove_columns(REFERENCE_COLUMNS)
+    single = compute_reference_logps(local, dataset, batch_size=3, sort_by_length=False)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["num_processes"] == 2

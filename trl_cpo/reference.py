@@ -88,7 +88,7 @@ def _longest_first(dataset: Dataset) -> list[int] | None:
     import numpy as np
     import pyarrow.compute as pc
 
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    columns = list(_trl_compat.TOKENIZED_COLUMNS)  # prompt_ids, chosen_ids, rejected_ids
     if len(dataset) == 0 or not set(columns) <= set(dataset.column_names):
         return None
     lengths = []
@@ -131,7 +131,7 @@ def compute_reference_logps(
         chosen, rejected = _trl_compat.reference_logps(trainer, model, batch)
         chosen_lengths, rejected_lengths = completion_lengths(batch[_trl_compat.COMPLETION_MASK])
         # gather_for_metrics drops the samples that even_batches duplicated to fill the last step, so the
-        # concatenation has exactly one row per dataset example, in dataset order.
+        # concatenation has exactly one row per dataset example, in the loader's order (`order`, or dataset order).
         gathered = trainer.accelerator.gather_for_metrics(
             (chosen.float(), rejected.float(), chosen_lengths.to(chosen.device), rejected_lengths.to(chosen.device))
         )
