@@ -208,6 +208,12 @@ def test_training_matches_one_process(runs, name):
     assert len(single) == len(two) == 3  # one full-dataset step per epoch
     for step, (a, b) in enumerate(zip(single, two)):
         for key in [*COMPARED, margin_metric(name), "grad_norm"]:
+            if step == 0 and key == "rewards/accuracies":
+                # Before the first update the policy is the reference: both rewards are 0 up to float round-off
+                # (the precompute's length-sorted batches are padded differently from the training batches), so
+                # `chosen > rejected` compares round-off. The rewards themselves are checked to be ~0 instead.
+                assert all(abs(r[k]) < 1e-5 for r in (a, b) for k in ("rewards/chosen", "rewards/rejected"))
+                continue
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), f"step {step + 1}: {key}"
     assert two[-1]["loss"] < two[0]["loss"]
     one_weights = load_file(str(runs["out"][1] / f"{name}.safetensors"))

@@ -5,7 +5,8 @@ Public pieces, reusable outside the trainers:
 - `compute_reference_logps(trainer, dataset, batch_size=...)`: one no-grad pass of the reference over a prepared
   (tokenized) dataset on every rank, gathered so that every rank holds the full per-pair result in dataset order. No
   cache file is shared between ranks, so in-memory datasets work under several processes (TRL's own precompute writes
-  an `.arrow` cache that other ranks cannot find for in-memory datasets).
+  an `.arrow` cache that other ranks cannot find for in-memory datasets). Pairs are batched longest first, so each
+  batch holds pairs of similar length and pays little padding (TRL batches in dataset order).
 - `ReferenceLogps`: the result, with completion lengths so either log-prob scale (summed or per-token) can be formed.
 - `save_reference_checkpoint` / `load_reference_checkpoint`: the train and eval sets' reference log-probs, stored in
   every checkpoint folder (`trl_cpo_reference.safetensors`), so a resumed run trains and evaluates against the same
@@ -84,15 +85,47 @@ def _reference_model(trainer):
     return trainer.ref_model or trainer.model
 
 
-def compute_reference_logps(trainer, dataset: Dataset, *, batch_size: int, desc: str | None = None) -> ReferenceLogps:
+def _longest_first(dataset: Dataset) -> list[int] | None:
+    """Dataset indices ordered by padded pair length, `len(prompt) + max(len(chosen), len(rejected))`, longest first.
+
+    The collator pads a batch to its longest sequence, so batching pairs of similar length saves the padding; longest
+    first puts the memory peak on the first batch, where an out-of-memory error costs nothing. Lengths are read from
+    the Arrow columns without materialising the token lists. None when the dataset is not tokenized into
+    `prompt_ids` / `chosen_ids` / `rejected_ids` (the caller then keeps dataset order).
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    columns = list(_trl_compat.TOKENIZED_COLUMNS)  # prompt_ids, chosen_ids, rejected_ids
+    if len(dataset) == 0 or not set(columns) <= set(dataset.column_names):
+        return None
+    lengths = []
+    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=65536):
+        prompt, chosen, rejected = (pc.list_value_length(table[name]) for name in columns)
+        lengths.append(pc.add(prompt, pc.max_element_wise(chosen, rejected)).to_numpy(zero_copy_only=False))
+    # Stable sort of the negated lengths: longest first, ties kept in dataset order.
+    return np.argsort(-np.concatenate(lengths), kind="stable").tolist()
+
+
+def compute_reference_logps(
+    trainer, dataset: Dataset, *, batch_size: int, desc: str | None = None, sort_by_length: bool = True
+) -> ReferenceLogps:
     """Run the frozen reference over a tokenized preference dataset and gather the per-pair results on every rank.
 
     `trainer` is a `trl.DPOTrainer` (or subclass): its collator, accelerator and `compute_ref_log_probs` are used as
     is, so PEFT adapters, quantized models and the reference-model choice behave exactly as in DPO.
+
+    With `sort_by_length` (the default) the pairs are batched longest first (`_longest_first`) and the gathered rows,
+    which come back in that order on every rank, are put back in dataset order; the result is the same as in dataset
+    order up to float round-off from the different padding.
     """
+    order = _longest_first(dataset) if sort_by_length else None
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
+        # A plain index list as sampler: accelerate shards its batches across ranks like a SequentialSampler's, and
+        # gather_for_metrics returns them in this order.
+        sampler=order,
         collate_fn=trainer.data_collator,
         num_workers=trainer.args.dataloader_num_workers,
         pin_memory=trainer.args.dataloader_pin_memory,
@@ -106,12 +139,16 @@ def compute_reference_logps(trainer, dataset: Dataset, *, batch_size: int, desc:
         chosen, rejected = _trl_compat.reference_logps(trainer, model, batch)
         chosen_lengths, rejected_lengths = completion_lengths(batch[_trl_compat.COMPLETION_MASK])
         # gather_for_metrics drops the samples that even_batches duplicated to fill the last step, so the
-        # concatenation has exactly one row per dataset example, in dataset order.
+        # concatenation has exactly one row per dataset example, in the loader's order (`order`, or dataset order).
         gathered = trainer.accelerator.gather_for_metrics(
             (chosen.float(), rejected.float(), chosen_lengths.to(chosen.device), rejected_lengths.to(chosen.device))
         )
         parts.append(tuple(t.detach().cpu() for t in gathered))
     columns = [torch.cat(column) for column in zip(*parts, strict=True)]
+    if order is not None and len(columns[0]) == len(order):
+        # Row i of the gathered columns is pair order[i]: scatter back to dataset order.
+        index = torch.tensor(order)
+        columns = [torch.empty_like(column).index_copy_(0, index, column) for column in columns]
     result = ReferenceLogps(*columns)
     if len(result) != len(dataset):
         raise RuntimeError(f"Reference precompute produced {len(result)} rows for a dataset of {len(dataset)}.")
