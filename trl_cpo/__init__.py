@@ -11,7 +11,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from . import _bnb_log
+
 __version__ = "0.1.0"
+
+# Before anything imports bitsandbytes (through transformers -> peft): drop its notice about a CPU inference kernel
+# that trl-cpo never uses (see `trl_cpo._bnb_log`).
+_bnb_log.install()
 
 #: Public name -> the submodule that defines it.
 _LAZY_NAMES = {
