@@ -43,6 +43,7 @@ SHAPES = {
 def _parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="small")
+    parser.add_argument("--num_layers", type=int, help="override the shape's layer count (e.g. to fit one GPU)")
     parser.add_argument("--per_device_train_batch_size", type=int, default=4, help="per-device pairs per step")
     parser.add_argument("--seq", type=int, default=256, help="tokens per prompt+completion")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
@@ -68,6 +69,7 @@ def _build_assets(args, workdir):
     words = [f"w{i}" for i in range(500)]
     tokenizer = build_tiny_tokenizer(words)
     hidden, layers, heads, kv_heads, intermediate, vocab = SHAPES[args.shape]
+    layers = args.num_layers or layers
     model = build_tiny_llama(
         tokenizer,
         hidden_size=hidden,
@@ -96,6 +98,11 @@ def _build_assets(args, workdir):
 
 def _child(args):
     """Train one trainer for warmup + steps and print its step times and peak memory as JSON."""
+    print("RESULT " + json.dumps(run_trainer(args)), flush=True)
+
+
+def run_trainer(args):
+    """Train `args.child` on the model and data in `args.workdir` for warmup + steps; its step times and memory."""
     import torch
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
@@ -184,7 +191,7 @@ def _child(args):
         "peak_rss_over_baseline_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024,
         "tokens_per_step": _tokens_per_step(trainer, args),
     }
-    print("RESULT " + json.dumps(result), flush=True)
+    return result
 
 
 def _tokens_per_step(trainer, args):
@@ -210,33 +217,48 @@ def main(argv=None):
         return _child(args)
     if args.load_in_4bit and not args.lora:
         sys.exit("--load_in_4bit trains a LoRA adapter: add --lora")
+    runs = measure(args)
+    report(args, runs)
+
+
+def measure(args, in_process=False):
+    """Every trainer for `args.rounds` rounds, interleaved: {trainer: [one `run_trainer` result per round]}.
+
+    Each run is a fresh subprocess, so that peak memory is that trainer's alone. `in_process` runs them in this
+    process instead (for CPU smoke runs, where the interpreter start-up would dominate; memory figures are then not
+    per trainer). A failed run raises `RuntimeError` with the child's output.
+    """
+    import argparse
+
     with tempfile.TemporaryDirectory() as workdir:
         _build_assets(args, workdir)
         runs = {name: [] for name in TRAINERS}
         for round_index in range(args.rounds):
             order = TRAINERS[round_index % len(TRAINERS) :] + TRAINERS[: round_index % len(TRAINERS)]
             for name in order:
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--workdir", workdir]
-                cmd += _child_flags(args)
-                env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    sys.exit(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-                runs[name].append(json.loads(line[len("RESULT ") :]))
+                if in_process:
+                    runs[name].append(
+                        run_trainer(argparse.Namespace(**{**vars(args), "child": name, "workdir": workdir}))
+                    )
+                else:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--workdir", workdir]
+                    cmd += _child_flags(args)
+                    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+                    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+                    if line is None:
+                        raise RuntimeError(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+                    runs[name].append(json.loads(line[len("RESULT ") :]))
                 print(
                     f"round {round_index + 1}/{args.rounds} {name:12s} median step "
                     f"{statistics.median(runs[name][-1]['step_times']):.4f}s",
                     flush=True,
                 )
-    report(args, runs)
+    return runs
 
 
-def report(args, runs):
-    import platform
-
-    import torch
-
+def summarize(runs):
+    """Per trainer: median step time over all rounds, tokens/s at that median, and the peak memory over rounds."""
     summary = {}
     for name, results in runs.items():
         times = [t for r in results for t in r["step_times"]]
@@ -247,11 +269,26 @@ def report(args, runs):
             "peak_gpu_mib": max(r["peak_mem_mib"] for r in results),
             "peak_rss_over_baseline_mib": max(r["peak_rss_over_baseline_mib"] for r in results),
         }
-    device = (
+    return summary
+
+
+def device_name():
+    import platform
+
+    import torch
+
+    return (
         torch.cuda.get_device_name(0)
         if torch.cuda.is_available()
         else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     )
+
+
+def report(args, runs):
+    import torch
+
+    summary = summarize(runs)
+    device = device_name()
     print(
         f"\ndevice: {device}; shape {args.shape}, dtype {args.dtype}, 4bit {args.load_in_4bit}, lora {args.lora}, "
         f"batch {args.per_device_train_batch_size} pairs x {args.seq} tokens, {args.rounds} rounds x {args.steps} "
@@ -273,6 +310,7 @@ def report(args, runs):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "args": vars(args), "summary": summary, "runs": runs}, f, indent=1)
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
 import os
-import random
 
 import pytest
 
@@ -10,23 +9,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 from datasets import Dataset  # noqa: E402
+from helpers import WORDS, make_pairs  # noqa: E402
 
 from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
-
-WORDS = "red blue green small big cat dog bird runs sleeps eats fast slow happy sad the a is very not".split()
-
-
-def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Synthetic explicit-prompt preference pairs with completions of varied length."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(rng.choices(WORDS, k=rng.randint(3, 6)))
-        # completions start with a space so prompt + completion tokenizes as prompt tokens + completion tokens
-        chosen = " " + " ".join(rng.choices(WORDS[:10], k=rng.randint(2, 7)))
-        rejected = " " + " ".join(rng.choices(WORDS[10:], k=rng.randint(2, 7)))
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,58 @@
-"""Shared test helpers: CPU configs, by-hand log-probs, scripts and subprocesses."""
+"""Shared test helpers: synthetic pairs, CPU configs, log-probs by hand (no TRL), scripts and subprocesses.
+
+`conftest.py` holds the fixtures built from these; test files import what they need from here.
+"""
 
 import importlib.util
 import os
+import random
+import socket
 import sys
 from pathlib import Path
 
 import torch
-from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: The vocabulary of the synthetic pairs (and of the tiny word-level tokenizer the fixtures build on it).
+WORDS = "red blue green small big cat dog bird runs sleeps eats fast slow happy sad the a is very not".split()
+
+
+def make_pairs(
+    n: int,
+    seed: int = 0,
+    *,
+    prompt_words: tuple[int, int] = (3, 6),
+    completion_words: tuple[int, int] = (2, 7),
+    split_vocabulary: bool = True,
+) -> list[dict[str, str]]:
+    """Synthetic explicit-prompt preference pairs with completions of varied length.
+
+    Completions start with a space, so prompt + completion tokenizes as prompt tokens + completion tokens (as in TRL's
+    examples). With `split_vocabulary`, chosen completions use the first ten words and rejected ones the others.
+    """
+    rng = random.Random(seed)
+    chosen_pool, rejected_pool = (WORDS[:10], WORDS[10:]) if split_vocabulary else (WORDS, WORDS)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.choices(WORDS, k=rng.randint(*prompt_words)))
+        chosen = " " + " ".join(rng.choices(chosen_pool, k=rng.randint(*completion_words)))
+        rejected = " " + " ".join(rng.choices(rejected_pool, k=rng.randint(*completion_words)))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def spaced_pairs(n: int = 12, seed: int = 0) -> list[dict[str, str]]:
+    """Pairs whose prompt and both completions draw from the whole vocabulary, with shorter texts."""
+    return make_pairs(n, seed, prompt_words=(2, 5), completion_words=(1, 6), split_vocabulary=False)
+
+
+#: Config fields that make a TrainingArguments-based config run on this CPU-only machine (no output_dir).
+CPU = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
 
 
 def cpu_args(output_dir, **overrides):
+    """Keyword arguments of a tiny, fast, CPU training run writing to `output_dir` (no saving by default)."""
     args = dict(
         output_dir=str(output_dir),
         report_to="none",
@@ -29,27 +72,44 @@ def cpu_args(output_dir, **overrides):
     return args
 
 
+def train_logs(trainer) -> list[dict]:
+    """Train, and return the per-step training log entries (those with a loss, without the final summary)."""
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+
+
+# -- log-probs by hand: plain logits of one unpadded sequence, nothing from TRL -----------------------------------
+
+
 @torch.no_grad()
-def sequence_logps(model, tokenizer, rows, max_length=1024):
-    """Per-pair summed completion log-probs and lengths, from plain logits (independent of TRL's fused head)."""
-    collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=max_length)
-    examples = []
-    for row in rows:
-        prompt = tokenizer(row["prompt"])["input_ids"]
-        chosen = tokenizer(row["prompt"] + row["chosen"] + tokenizer.eos_token)["input_ids"][len(prompt) :]
-        rejected = tokenizer(row["prompt"] + row["rejected"] + tokenizer.eos_token)["input_ids"][len(prompt) :]
-        examples.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
-    batch = collator(examples)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["completion_mask"][:, 1:].float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    logps = (token_logps * mask).sum(dim=1)
-    lengths = batch["completion_mask"].sum(dim=1).float()
-    return logps.chunk(2), lengths.chunk(2)
+def logp_by_hand(model, tokenizer, prompt: str, completion: str) -> tuple[float, int]:
+    """Summed log-prob of `completion` (+ eos, which TRL appends) after `prompt`, and its token count."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids
+    logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    token_logps = logprobs[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+    return token_logps[len(prompt_ids) - 1 :].sum().item(), len(ids) - len(prompt_ids)
 
 
-REPO = Path(__file__).resolve().parent.parent
+def sequence_logps(model, tokenizer, rows):
+    """((chosen, rejected) summed completion log-probs, (chosen, rejected) completion lengths) of `rows`, by hand."""
+    out = {}
+    for key in ("chosen", "rejected"):
+        pairs = [logp_by_hand(model, tokenizer, row["prompt"], row[key]) for row in rows]
+        out[key] = torch.tensor([logp for logp, _ in pairs]), torch.tensor([float(n) for _, n in pairs])
+    return (out["chosen"][0], out["rejected"][0]), (out["chosen"][1], out["rejected"][1])
+
+
+def pair_logps(model, tokenizer, rows, length_normalized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probs of `rows`, summed or averaged per completion token."""
+    (chosen, rejected), (chosen_lengths, rejected_lengths) = sequence_logps(model, tokenizer, rows)
+    if length_normalized:
+        return chosen / chosen_lengths, rejected / rejected_lengths
+    return chosen, rejected
+
+
+# -- scripts and subprocesses ----------------------------------------------------------------------------------------
 
 
 def load_script(name: str, path: Path):
@@ -70,3 +130,10 @@ def subprocess_env() -> dict[str, str]:
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
     env.update(HF_HUB_DISABLE_TELEMETRY="1", WANDB_DISABLED="true", OMP_NUM_THREADS="1")
     return env
+
+
+def free_port() -> int:
+    """A free local TCP port for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

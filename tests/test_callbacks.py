@@ -8,8 +8,8 @@ import textwrap
 from types import SimpleNamespace
 
 import pytest
-from by_hand import WORDS, pair_logps, spaced_pairs
 from datasets import Dataset
+from helpers import REPO, WORDS, pair_logps, spaced_pairs, subprocess_env
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
@@ -18,7 +18,6 @@ from trl_cpo.callbacks import UFractionCallback
 from trl_cpo.metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_ARGS = dict(
     use_cpu=True,
     bf16=False,
@@ -129,7 +128,7 @@ def test_works_with_cpo_trainer_and_a_dict_of_eval_sets(tmp_path, tok, loss_type
 
 
 def test_rejects_ld_alpha():
-    trainer = SimpleNamespace(ld_alpha=0.5, args=SimpleNamespace(loss_type=["sigmoid"]))
+    trainer = SimpleNamespace(args=SimpleNamespace(loss_type=["sigmoid"], ld_alpha=0.5))
     with pytest.raises(ValueError, match="ld_alpha"):
         UFractionCallback(trainer)
 
@@ -140,7 +139,7 @@ DDP_SCRIPT = textwrap.dedent(
     import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
-    from by_hand import WORDS, spaced_pairs
+    from helpers import WORDS, spaced_pairs
     from trl_cpo.callbacks import UFractionCallback
     from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
@@ -170,11 +169,8 @@ DDP_SCRIPT = textwrap.dedent(
 def test_gathers_over_two_processes(tmp_path, tok):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,11 +4,10 @@ import sys
 
 import pytest
 from datasets import Dataset
+from helpers import CPU, cpu_args
 from trl import DPOConfig, ModelConfig, ScriptArguments, TrlParser
 
 from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
-
-CPU = dict(output_dir="unused", report_to="none", use_cpu=True, bf16=False)
 
 
 def test_cpo_defaults_are_the_released_settings():
@@ -157,18 +156,7 @@ def _dpo_fields(config) -> dict:
 
 def test_plain_dpo_config_is_kept_as_is_with_precompute_switched_on(model, tokenizer, train_dataset, tmp_path, caplog):
     # DPOConfig's own defaults, beta 0.1 and loss_type 'sigmoid' (summed), are kept: nothing is "upgraded".
-    args = DPOConfig(
-        output_dir=str(tmp_path),
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        learning_rate=3e-4,
-        per_device_train_batch_size=4,
-        max_steps=1,
-        logging_steps=1,
-        gradient_checkpointing=False,
-        save_strategy="no",
-    )
+    args = DPOConfig(**cpu_args(tmp_path, learning_rate=3e-4, max_steps=1))
     assert (args.beta, args.loss_type, args.precompute_ref_log_probs) == (0.1, ["sigmoid"], False)
     # Built before the trainer: creating training arguments resets accelerate's state, which the trainer holds.
     defaults = CPOConfig(**CPU)

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_pairs
 from datasets import Dataset
-from helpers import subprocess_env
+from helpers import REPO, free_port, make_pairs, subprocess_env
 from safetensors.torch import load_file
 
 from trl_cpo.losses import cpo_margin, ecpoc_target
@@ -39,7 +36,6 @@ from trl_cpo.methods import METHODS
 from trl_cpo.metrics import U_FRACTION_ATOL
 from trl_cpo.tiny import build_tiny_llama
 
-REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "scripts" / "ddp_worker.py"
 NUM_PAIRS = 24
 BETA = 2.5  # CPOConfig / ECPOCConfig default, used by the worker
@@ -64,12 +60,6 @@ COMPARED = [
     "logps/chosen",
     "logps/rejected",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def margin_metric(name):
@@ -218,6 +208,12 @@ def test_training_matches_one_process(runs, name):
     assert len(single) == len(two) == 3  # one full-dataset step per epoch
     for step, (a, b) in enumerate(zip(single, two)):
         for key in [*COMPARED, margin_metric(name), "grad_norm"]:
+            if step == 0 and key == "rewards/accuracies":
+                # Before the first update the policy is the reference: both rewards are 0 up to float round-off
+                # (the precompute's length-sorted batches are padded differently from the training batches), so
+                # `chosen > rejected` compares round-off. The rewards themselves are checked to be ~0 instead.
+                assert all(abs(r[k]) < 1e-5 for r in (a, b) for k in ("rewards/chosen", "rewards/rejected"))
+                continue
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), f"step {step + 1}: {key}"
     assert two[-1]["loss"] < two[0]["loss"]
     one_weights = load_file(str(runs["out"][1] / f"{name}.safetensors"))

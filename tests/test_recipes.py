@@ -1,4 +1,5 @@
-"""The training recipe `recipes/cpo_llama3.py`, its configs and its accelerate configs.
+"""The train script `trl_cpo.scripts.train` (`trl-cpo train`), the recipe `recipes/cpo_llama3.py` that calls it, its
+configs and its accelerate configs.
 
 Real runs on CPU of the very script users launch: the tiny offline config through `accelerate launch` (one process)
 and through `torchrun --nproc_per_node 2` (two processes, DDP over gloo), on a tiny Llama built by
@@ -24,6 +25,7 @@ from helpers import load_script, subprocess_env
 from trl import DPOConfig, DPOTrainer
 
 from trl_cpo import CPOConfig, ECPOCConfig
+from trl_cpo.scripts import train as train_script
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "cpo_llama3.py"
@@ -34,7 +36,7 @@ TINY_DATA = REPO / "recipes" / "data" / "tiny_prefs.jsonl"
 
 @pytest.fixture(scope="module")
 def recipe():
-    return load_script("cpo_llama3_recipe", RECIPE)
+    return train_script
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +93,8 @@ def test_tiny_recipe_with_accelerate_launch(tiny_model, tmp_path):
         assert torch.isfinite(torch.tensor(step["loss"]))
         assert {"u_fraction", "ref_misaligned_fraction", "cpo_margin"} <= step.keys()
     assert (out / "model.safetensors").is_file()
-    assert "## Method: CPO (Constrained Preference Optimization)" in card
-    assert "- Dataset: tiny_prefs.jsonl" in card and "| `cpo_gamma` | `0.05` |" in card
+    assert "### Method: CPO (Constrained Preference Optimization)" in card
+    assert "- Dataset: the local dataset `tiny_prefs.jsonl`" in card and "| `cpo_gamma` | `0.05` |" in card
 
 
 def test_tiny_recipe_with_torchrun_two_processes(tiny_model, tmp_path):
@@ -107,7 +109,7 @@ def test_tiny_recipe_with_torchrun_two_processes(tiny_model, tmp_path):
     for step in steps:
         assert {"u_fraction", "ref_misaligned_fraction", "ecpoc_target"} <= step.keys()
     assert (out / "model.safetensors").is_file()
-    assert "## Method: E-CPOC" in card and "| `ecpoc_tau` | `2.0` |" in card
+    assert "### Method: E-CPOC" in card and "| `ecpoc_tau` | `2.0` |" in card
 
 
 def _free_port() -> int:
@@ -172,7 +174,7 @@ def test_llama3_configs_hold_the_released_settings(recipe, name, config_cls, met
 
 def test_method_switch_and_command_line_overrides(recipe, caplog):
     full = ["--config", str(CONFIGS / "cpo_llama3_8b_instruct_full.yaml"), "--use_cpu", "true"]
-    with caplog.at_level(logging.WARNING, logger="trl_cpo.recipes"):
+    with caplog.at_level(logging.WARNING, logger="trl_cpo.scripts.train"):
         _, dpo, _, _ = recipe.parse_args([*full, "--method", "dpo"])
     assert type(dpo) is recipe.DPOBaselineConfig and dpo.cpo_gamma == 0.0
     assert (dpo.beta, dpo.loss_type, dpo.learning_rate) == (2.5, ["sigmoid_norm"], 6e-7)  # same settings as CPO
@@ -188,7 +190,7 @@ def test_method_switch_and_command_line_overrides(recipe, caplog):
 
     # A CPO config switched to E-CPOC: the E-CPOC fields take E-CPOC's defaults, the CPO ones are ignored (warned).
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trl_cpo.recipes"):
+    with caplog.at_level(logging.WARNING, logger="trl_cpo.scripts.train"):
         _, ecpoc, _, _ = recipe.parse_args([*full, "--method", "ecpoc", "--ecpoc_tau", "inf", "--ecpoc_alpha", "0.5"])
     assert type(ecpoc) is ECPOCConfig
     assert (ecpoc.ecpoc_gamma, ecpoc.ecpoc_tau, ecpoc.ecpoc_alpha) == (0.5, float("inf"), 0.5)
@@ -212,7 +214,7 @@ def test_method_tables_derive_from_the_package_table(recipe):
     for name, method in METHODS.items():
         assert recipe.TRAINERS[name] is method.trainer_class
         assert recipe.CONFIG_CLASSES[name] is method.config_class
-        assert recipe.METHOD_FIELDS[name] == tuple(method.fields)
+        assert recipe.METHOD_FIELDS[name] == (*method.fields, *method.config_only_fields)
     assert recipe.TRAINERS["dpo"] is recipe.DPOBaselineTrainer and recipe.METHOD_FIELDS["dpo"] == ()
     assert recipe.DPOBaselineTrainer.method.config_class is recipe.DPOBaselineConfig
     assert recipe.DPOBaselineTrainer.method.trainer_class is recipe.DPOBaselineTrainer
@@ -324,14 +326,15 @@ def test_recipe_dpo_baseline_on_ultrafeedback_schema_from_disk(recipe, tiny_mode
     argv += ["--dataset_test_split", "test_prefs", "--eval_strategy", "steps", "--eval_steps", "2", "--max_steps", "2"]
     argv += ["--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true"]
     argv += ["--model_card_dataset_name", "HuggingFaceH4/ultrafeedback_binarized"]
-    trainer = recipe.main(*recipe.parse_args(argv))
+    trainer = recipe.train(*recipe.parse_args(argv))
     assert trainer.train_reference_logps is not None and set(trainer.eval_reference_logps) == {"eval"}
     logs = trainer.state.log_history
     assert any("eval_u_fraction" in h for h in logs) and any("u_fraction" in h for h in logs)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "## Method: DPO baseline" in card and "cpo_gamma = 0" in card
+    assert "### Method: DPO baseline" in card and "cpo_gamma = 0" in card
     assert "per-token averaged log-probs (loss_type ['sigmoid_norm'])" in card and "length_normalize" not in card
-    assert "- Dataset: HuggingFaceH4/ultrafeedback_binarized" in card
+    uf = "HuggingFaceH4/ultrafeedback_binarized"
+    assert f"- Dataset: [{uf}](https://huggingface.co/datasets/{uf})" in card
     assert "Constrained Preference Optimization" in card and "| `beta` | `2.5` |" in card
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
-from helpers import cpu_args
+from helpers import CPU, REPO, cpu_args
 from trl import DPOConfig, DPOTrainer
 
 from trl_cpo import (
@@ -29,9 +28,7 @@ from trl_cpo import (
 from trl_cpo.losses import cpo_margin
 from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 SHIPPED_PAIRS = REPO / "recipes" / "data" / "tiny_prefs.jsonl"
-CPU = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
 REPORT_KEYS = {f"reference/{k}" for k in ReferenceReport.LOGGED_KEYS}
 
 

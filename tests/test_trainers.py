@@ -2,9 +2,8 @@ import os
 
 import pytest
 import torch
-from conftest import make_pairs
 from datasets import Dataset
-from helpers import cpu_args, sequence_logps
+from helpers import cpu_args, make_pairs, sequence_logps, train_logs
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
@@ -12,16 +11,17 @@ from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
 from trl_cpo.losses import cpo_loss, cpo_margin, dpo_loss
 from trl_cpo.metrics import U_FRACTION_ATOL, u_fraction
 from trl_cpo.reference import REFERENCE_FILE
-from trl_cpo.tiny import build_tiny_llama
+from trl_cpo.tiny import build_tiny_llama, build_tiny_qwen2
 
 TRAJECTORY_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "grad_norm"]
 
 
-def _train_logs(trainer):
-    trainer.train()
-    return [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+#: Two architectures through the equivalence test: Llama, and Qwen2 (q/k/v biases, grouped-query attention, LM head
+#: tied to the input embeddings), so the fused-LM-head path is not checked on one model family only.
+ARCHITECTURES = {"llama": build_tiny_llama, "qwen2": build_tiny_qwen2}
 
 
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 @pytest.mark.parametrize(
     "loss_type, num_pairs, extra",
     [
@@ -31,22 +31,23 @@ def _train_logs(trainer):
         ("sigmoid_norm", 10, {"gradient_accumulation_steps": 3}),
     ],
 )
-def test_gamma_zero_reproduces_dpo_trajectory(tokenizer, tmp_path, loss_type, num_pairs, extra):
+def test_gamma_zero_reproduces_dpo_trajectory(tokenizer, tmp_path, loss_type, num_pairs, extra, architecture):
+    build = ARCHITECTURES[architecture]
     train_dataset = Dataset.from_list(make_pairs(num_pairs, seed=0))
     common = cpu_args(tmp_path, max_steps=4, beta=0.5, loss_type=loss_type, **extra)
     dpo = DPOTrainer(
-        model=build_tiny_llama(tokenizer),
+        model=build(tokenizer),
         args=DPOConfig(**common, precompute_ref_log_probs=True),
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
     cpo = CPOTrainer(
-        model=build_tiny_llama(tokenizer),
+        model=build(tokenizer),
         args=CPOConfig(**common, cpo_gamma=0.0),
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
-    dpo_logs, cpo_logs = _train_logs(dpo), _train_logs(cpo)
+    dpo_logs, cpo_logs = train_logs(dpo), train_logs(cpo)
     assert len(dpo_logs) == len(cpo_logs) == 4
     for dpo_log, cpo_log in zip(dpo_logs, cpo_logs):
         for key in [*TRAJECTORY_KEYS, "rewards/accuracies"]:
@@ -65,7 +66,7 @@ def test_positive_gamma_changes_the_trajectory(tokenizer, train_dataset, tmp_pat
             train_dataset=train_dataset,
             processing_class=tokenizer,
         )
-        logs[gamma] = _train_logs(trainer)
+        logs[gamma] = train_logs(trainer)
     assert logs[0.05][0]["loss"] > logs[0.0][0]["loss"] + 1e-3  # a positive margin raises the loss
     assert logs[0.05][0]["cpo_margin"] > 0
     assert logs[0.05][-1]["loss"] != pytest.approx(logs[0.0][-1]["loss"], rel=1e-3)
@@ -89,7 +90,7 @@ def test_logged_metrics_match_by_hand_computation(tokenizer, tmp_path, trainer_c
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
-    log = _train_logs(trainer)[0]
+    log = train_logs(trainer)[0]
     assert log["u_fraction"] == pytest.approx(expected_u)
     assert log["ref_misaligned_fraction"] == pytest.approx(((rc / lc) < (rr / lr)).float().mean().item())
     # DPOTrainer's reward metrics keep their DPO meaning: beta * (logp - ref_logp), summed, unshifted by the margin
@@ -151,7 +152,7 @@ def test_logged_loss_is_the_cpo_loss_by_hand(tokenizer, tmp_path, loss_type, mar
     trainer = CPOTrainer(
         model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
-    log = _train_logs(trainer)[0]
+    log = train_logs(trainer)[0]
     assert log["loss"] == pytest.approx(expected.item(), rel=1e-4)
     assert log["cpo_margin"] == pytest.approx(m.mean().item(), rel=1e-4)
     # and it is not DPO's: the margin matters at these settings
@@ -236,7 +237,7 @@ def test_lora_reference_is_the_adapter_free_base(model, tokenizer, train_dataset
     reference = trainer.train_reference_logps
     torch.testing.assert_close(reference.chosen, base_chosen, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(reference.rejected, base_rejected, atol=1e-4, rtol=1e-4)
-    logs = _train_logs(trainer)
+    logs = train_logs(trainer)
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
     # the base stayed frozen and the adapter moved the policy away from it
     base = trainer.model.get_base_model()
@@ -258,7 +259,7 @@ def test_resume_uses_the_checkpoint_margins(tokenizer, train_dataset, tmp_path):
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
-    full_logs = _train_logs(full)
+    full_logs = train_logs(full)
     checkpoint = tmp_path / "full" / "checkpoint-2"
     assert (checkpoint / REFERENCE_FILE).is_file()
 
@@ -323,7 +324,7 @@ def test_resume_restores_eval_references_even_for_an_eval_set_named_train(tokeni
         )
 
 
-def test_checkpoint_holds_the_reference_before_it_is_pushed(model, tokenizer, train_dataset, tmp_path, monkeypatch):
+def test_checkpoint_holds_the_reference_before_it_is_pushed(model, tokenizer, train_dataset, tmp_path):
     seen = []
     trainer = CPOTrainer(
         model=model,
@@ -331,16 +332,18 @@ def test_checkpoint_holds_the_reference_before_it_is_pushed(model, tokenizer, tr
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
-    # hub_strategy="checkpoint" uploads the folder from inside Trainer._save_checkpoint
-    original = trainer._save_optimizer_and_scheduler
+    # hub_strategy="checkpoint" uploads the folder from inside Trainer._save_checkpoint, once it is otherwise complete;
+    # push_to_hub is switched on after __init__ so that no Hub repository is created.
+    trainer.args.push_to_hub = True
 
     def record(output_dir):
-        seen.append(os.path.isfile(os.path.join(output_dir, REFERENCE_FILE)))
-        return original(output_dir)
+        seen.append(sorted(os.listdir(output_dir)))
 
-    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", record)
+    trainer._push_from_checkpoint = record
     trainer.train()
-    assert seen == [True]
+    assert len(seen) == 1
+    assert {REFERENCE_FILE, "trainer_state.json", "model.safetensors"} <= set(seen[0])
+    assert "save_to_json" not in vars(trainer.state)  # the save's hook is gone once the save is done
 
 
 def test_bf16_training_stays_finite(model, tokenizer, train_dataset, tmp_path):
@@ -351,15 +354,63 @@ def test_bf16_training_stays_finite(model, tokenizer, train_dataset, tmp_path):
             train_dataset=train_dataset,
             processing_class=tokenizer,
         )
-        for log in _train_logs(trainer):
+        for log in train_logs(trainer):
             for key in ("loss", "grad_norm", "u_fraction", "rewards/chosen"):
                 assert torch.isfinite(torch.tensor(log[key])), (trainer_cls.__name__, key)
 
 
-def test_sft_mixed_in_through_loss_weights(model, tokenizer, train_dataset, tmp_path):
-    args = CPOConfig(**cpu_args(tmp_path, max_steps=1), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
-    log = _train_logs(CPOTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer))[0]
-    assert torch.isfinite(torch.tensor(log["loss"]))
+@pytest.mark.parametrize("sft_weight", [0.5, 2.0])
+def test_loss_weights_mix_sft_into_the_logged_loss_by_hand(tokenizer, tmp_path, sft_weight):
+    """loss = 1.0 * CPO term + sft_weight * SFT NLL, the NLL being the mean over the chosen completion tokens."""
+    rows = make_pairs(12, seed=4)
+    policy, reference = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
+    (pc, pr), (lc, lr) = sequence_logps(policy, tokenizer, rows)
+    (rc, rr), _ = sequence_logps(reference, tokenizer, rows)
+    cpo_term = cpo_loss(pc / lc, pr / lr, rc / lc, rr / lr, beta=0.5, gamma=0.3).mean()
+    sft_nll = -pc.sum() / lc.sum()
+    args = CPOConfig(
+        **cpu_args(tmp_path, per_device_train_batch_size=12, max_steps=1, beta=0.5),
+        loss_type=["sigmoid_norm", "sft"],
+        loss_weights=[1.0, sft_weight],
+        cpo_gamma=0.3,
+    )
+    trainer = CPOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    log = train_logs(trainer)[0]
+    assert sft_nll > 1.0  # a weight ignored (or applied to the wrong term) would move the loss by far more than rel
+    assert log["loss"] == pytest.approx((cpo_term + sft_weight * sft_nll).item(), rel=1e-4)
+    # the margin still reaches the preference term only: the logged margin is the one of the CPO term alone
+    expected_margin = cpo_margin(rc / lc, rr / lr, gamma=0.3).mean()
+    assert log["cpo_margin"] == pytest.approx(expected_margin.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", [(CPOTrainer, CPOConfig), (ECPOCTrainer, ECPOCConfig)])
+def test_eval_rewards_keep_dpo_meaning(tokenizer, tmp_path, trainer_cls, config_cls):
+    """eval_rewards/* are DPO's beta * (logp - ref_logp) on summed log-probs, not shifted by the method's margin."""
+    rows = make_pairs(8, seed=5)
+    reference = build_tiny_llama(tokenizer, seed=2)
+    trainer = trainer_cls(
+        model=build_tiny_llama(tokenizer, seed=1),
+        ref_model=reference,
+        args=config_cls(**cpu_args(tmp_path, max_steps=2, beta=0.5, per_device_eval_batch_size=8)),
+        train_dataset=Dataset.from_list(make_pairs(8, seed=0)),
+        eval_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    trainer.train()  # evaluate the trained policy, not its initial weights
+    metrics = trainer.evaluate()
+    (pc, pr), (lc, _) = sequence_logps(trainer.model.eval(), tokenizer, rows)
+    (rc, rr), _ = sequence_logps(reference, tokenizer, rows)
+    chosen, rejected = 0.5 * (pc - rc), 0.5 * (pr - rr)
+    assert metrics["eval_rewards/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-4)
+    assert metrics["eval_rewards/rejected"] == pytest.approx(rejected.mean().item(), abs=1e-4)
+    assert metrics["eval_rewards/margins"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-4)
+    assert metrics["eval_rewards/accuracies"] == pytest.approx((chosen > rejected).float().mean().item())
+    # what DPOTrainer computed from the batch the loss saw (reference raised by margin / beta, per token) differs
+    margin = torch.tensor(trainer.eval_dataset["reference_margin"])
+    shifted = 0.5 * (pc - (rc + margin / 0.5 * lc))
+    assert abs(shifted.mean().item() - chosen.mean().item()) > 1e-2
 
 
 def test_model_card_and_tags_name_the_method(model, tokenizer, train_dataset, tmp_path):

@@ -1,19 +1,45 @@
 """trl-cpo: Constrained Preference Optimization (CPO, E-CPOC; arXiv:2605.20834) for Hugging Face TRL.
 
 Not TRL's Contrastive Preference Optimization (`trl.experimental.cpo`): same acronym, different algorithm.
+
+The names below are imported on first use (PEP 562), as TRL's own `trl/__init__.py` does: `import trl_cpo` and the
+`trl-cpo` command line load neither torch nor transformers until a trainer, config or function is used.
 """
 
-from .callbacks import UFractionCallback
-from .cpo_config import CPOConfig
-from .cpo_trainer import CPOTrainer
-from .ecpoc_config import ECPOCConfig
-from .ecpoc_trainer import ECPOCTrainer
-from .methods import METHODS, Method
-from .reference import ReferenceLogps, compute_reference_logps, load_reference_checkpoint, save_reference_checkpoint
-from .report import GammaRecommendation, ReferenceReport, recommend_cpo_gamma, reference_report, wilson_interval
-from .report_callback import ReferenceReportCallback
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from . import _bnb_log
 
 __version__ = "0.1.0"
+
+# Before anything imports bitsandbytes (through transformers -> peft): drop its notice about a CPU inference kernel
+# that trl-cpo never uses (see `trl_cpo._bnb_log`).
+_bnb_log.install()
+
+#: Public name -> the submodule that defines it.
+_LAZY_NAMES = {
+    "UFractionCallback": "callbacks",
+    "CPOConfig": "cpo_config",
+    "CPOTrainer": "cpo_trainer",
+    "ECPOCConfig": "ecpoc_config",
+    "ECPOCTrainer": "ecpoc_trainer",
+    "METHODS": "methods",
+    "Method": "methods",
+    "ReferenceFileError": "reference",
+    "ReferenceLogps": "reference",
+    "compute_reference_logps": "reference",
+    "load_reference_checkpoint": "reference",
+    "save_reference_checkpoint": "reference",
+    "GammaRecommendation": "report",
+    "ReferenceReport": "report",
+    "recommend_cpo_gamma": "report",
+    "reference_report": "report",
+    "wilson_interval": "report",
+    "ReferenceReportCallback": "report_callback",
+}
 
 __all__ = [
     "METHODS",
@@ -23,6 +49,7 @@ __all__ = [
     "ECPOCTrainer",
     "GammaRecommendation",
     "Method",
+    "ReferenceFileError",
     "ReferenceLogps",
     "ReferenceReport",
     "ReferenceReportCallback",
@@ -34,3 +61,34 @@ __all__ = [
     "save_reference_checkpoint",
     "wilson_interval",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY_NAMES})
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the names eagerly
+    from .callbacks import UFractionCallback
+    from .cpo_config import CPOConfig
+    from .cpo_trainer import CPOTrainer
+    from .ecpoc_config import ECPOCConfig
+    from .ecpoc_trainer import ECPOCTrainer
+    from .methods import METHODS, Method
+    from .reference import (
+        ReferenceFileError,
+        ReferenceLogps,
+        compute_reference_logps,
+        load_reference_checkpoint,
+        save_reference_checkpoint,
+    )
+    from .report import GammaRecommendation, ReferenceReport, recommend_cpo_gamma, reference_report, wilson_interval
+    from .report_callback import ReferenceReportCallback

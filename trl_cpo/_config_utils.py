@@ -9,13 +9,15 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from .losses import check_beta
+from .reference_file import check_reference_logps_file
 
 logger = logging.getLogger("trl_cpo")
 
 #: The preference terms both methods build on: DPO's sigmoid loss on summed ('sigmoid') or per-token averaged
 #: ('sigmoid_norm') log-probs.
 PREFERENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm")
-#: Loss types that can be mixed in through `loss_weights` (they do not read the reference).
+#: Loss types that can be mixed in through `loss_weights` (they do not read the reference: `_trl_compat.ASSUMPTIONS`,
+#: 'loss_weights').
 MIXABLE_LOSS_TYPES = ("sft",)
 
 
@@ -126,9 +128,29 @@ class _ReferenceMarginConfig(DPOConfig):
         },
     )
 
+    stop_on_nonfinite: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training with an error when a training step's loss or reference margin is NaN or inf, "
+            "before that step updates the weights (so no checkpoint holds NaN weights). False keeps TRL's behaviour: "
+            "the step runs, the Trainer logs a filtered loss, and the weights can become NaN."
+        },
+    )
+
+    reference_logps_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train-set reference log-probs written by `trl-cpo audit` (its reference_logps.safetensors). If "
+            "its fingerprint (model, tokenizer, tokenized data, max_length) matches this run's, the train-set "
+            "reference precompute is skipped; otherwise training stops with an error naming what differs. Eval sets "
+            "are still computed."
+        },
+    )
+
     def __post_init__(self):
         self._check_method_hyperparameters()
         validate_dpo_fields(self)
+        check_reference_logps_file(self.reference_logps_file)
         super().__post_init__()
 
     def _check_method_hyperparameters(self) -> None:

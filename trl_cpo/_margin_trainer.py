@@ -13,23 +13,39 @@ saving all stay DPOTrainer's. What the shift would distort, the `rewards/*` metr
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from datasets import IterableDataset
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from datasets import Dataset, IterableDataset
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.utils import get_config_model_id
 
+from . import _trl_compat
 from ._config_utils import from_dpo_config, logger
-from .logps import completion_lengths, is_length_normalized, to_loss_space
+from ._distributed import end_distributed_run
+from ._grad_check import FirstStepGradientCheck
+from .checkpoints import complete_checkpoint_problem, last_complete_checkpoint, write_after_trainer_state
+from .data import (
+    LengthReport,
+    describe_pair_difference,
+    fingerprint,
+    pair_digests,
+    pair_lengths,
+    token_lengths,
+    validate_preference_dataset,
+)
+from .logps import is_length_normalized, to_loss_space
 from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
-from .model_card import insert_card_section, method_card_section
+from .model_card import write_model_card
+from .quantization import keep_4bit_layers_trainable
 from .reference import (
+    REFERENCE_FILE,
+    ReferenceFileError,
     ReferenceLogps,
     checkpoint_reference_path,
     compute_reference_logps,
@@ -38,13 +54,16 @@ from .reference import (
     save_reference_checkpoint,
     with_columns,
 )
+from .reference_file import load_matching_reference_logps, reference_fingerprint
 from .report import ReferenceReport, reference_report
 from .report_callback import _ReferenceReportLogger, announce_report
 
 #: Dataset column (and batch key) holding the per-pair margin, in logit units.
 MARGIN_COLUMN = "reference_margin"
 #: Columns DPOTrainer reads its precomputed reference log-probs from (summed over completion tokens).
-REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+REFERENCE_COLUMNS = _trl_compat.REFERENCE_COLUMNS
+#: Temporary column that tells which rows TRL's length filter kept (removed before the dataset is used).
+_ROW_COLUMN = "__trl_cpo_row__"
 
 
 @dataclass
@@ -76,8 +95,9 @@ class _PolicyLogpsRecorder:
         self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs, output):
-        if self._active and kwargs.get("fused_lm_head") and self.log_probs is None:
-            self.log_probs = output.log_probs.detach()
+        log_probs = _trl_compat.fused_head_log_probs(kwargs, output) if self._active else None
+        if log_probs is not None and self.log_probs is None:
+            self.log_probs = log_probs.detach()
 
     @contextlib.contextmanager
     def recording(self):
@@ -90,13 +110,11 @@ class _PolicyLogpsRecorder:
     def sequence_logps(self, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.log_probs is None:
             raise RuntimeError(
-                "trl_cpo could not observe the policy's log-probs: DPOTrainer's forward no longer went through the "
-                "model's fused LM head. This TRL version is not supported; please report it."
+                _trl_compat.ASSUMPTIONS["fused_lm_head"].broken("no fused-LM-head forward of the policy was seen")
             )
         # Same reduction as DPOTrainer without ld_alpha (rejected by the config): the fused head already zeroes
         # non-completion positions, so a plain sum over the (shifted) sequence is the completion log-prob.
-        seq_len = completion_mask.size(1) - 1
-        return self.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+        return _trl_compat.summed_completion_logps(self.log_probs, completion_mask)
 
 
 class _ReferenceMarginTrainer(DPOTrainer):
@@ -108,19 +126,29 @@ class _ReferenceMarginTrainer(DPOTrainer):
     def __init__(
         self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None, **kwargs
     ):
+        _trl_compat.check_dpo_trainer()
         args = self._resolve_args(args, model)
+        if isinstance(model, torch.nn.Module):
+            # Before DPOTrainer reads the model's state dict, which would silently "undo" a bitsandbytes CPU repack.
+            keep_4bit_layers_trainable(model)
         if isinstance(train_dataset, IterableDataset):
             raise ValueError(
                 f"{type(self).__name__} needs a map-style `datasets.Dataset` for `train_dataset`: the reference "
                 "margin is precomputed per pair before training, which an IterableDataset cannot hold. Materialize it "
                 "with `Dataset.from_generator(...)` or load it without `streaming=True`."
             )
+        self._validate_datasets(train_dataset, eval_dataset)
+        #: What `max_length` dropped or truncated in each prepared dataset (`trl_cpo.data.LengthReport`), by name.
+        self.length_reports: dict[str, LengthReport] = {}
         #: Reference log-probs of the train set and of each eval set (keyed like DPOTrainer names them: "eval", or
         #: the keys of an eval dict), filled by the precompute.
         self.train_reference_logps: ReferenceLogps | None = None
         self.eval_reference_logps: dict[str, ReferenceLogps] = {}
         #: What the reference says about the train set (`trl_cpo.report`), computed at the precompute.
         self.reference_report: ReferenceReport | None = None
+        #: Defaults for `create_model_card`'s keyword arguments (dataset_name, base_model_id, license, ...), so the
+        #: cards DPOTrainer writes at each checkpoint (and pushes with `hub_strategy`) are as complete as the last.
+        self.model_card_kwargs: dict[str, Any] = {}
         super().__init__(
             model,
             ref_model=ref_model,
@@ -133,12 +161,76 @@ class _ReferenceMarginTrainer(DPOTrainer):
         self.data_collator = ReferenceMarginCollator(self.data_collator)
         self._policy_logps = _PolicyLogpsRecorder(self.model)
         self.add_callback(_ReferenceReportLogger(self))
+        # Under DeepSpeed and FSDP `.grad` does not hold a rank's full gradient: only the 4-bit layout is checked.
+        self.add_callback(
+            FirstStepGradientCheck(inspect_grads=not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
+        )
+
+    @staticmethod
+    def _validate_datasets(train_dataset, eval_dataset) -> None:
+        """The raw-data checks of `trl_cpo.data` (shared with the audit), before TRL tokenizes anything."""
+        validate_preference_dataset(train_dataset, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            for key, dataset in eval_dataset.items():
+                validate_preference_dataset(dataset, f"eval_dataset[{key!r}]")
+        elif not isinstance(eval_dataset, str) and not (
+            # Datasets this trainer prepared already passed (e.g. `evaluate(trainer.eval_dataset)`).
+            hasattr(eval_dataset, "column_names") and "prompt_ids" in eval_dataset.column_names
+        ):
+            validate_preference_dataset(eval_dataset, "eval_dataset")
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if eval_dataset is not None:
+            self._validate_datasets(None, eval_dataset)
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # TRL's preparation, unchanged, plus the count of what `max_length` drops and truncates (`LengthReport`),
+        # logged once per dataset; a dataset left empty is refused here rather than failing in the precompute.
+        if not isinstance(dataset, Dataset) or args.max_length is None or len(dataset) == 0:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        indexed = dataset.add_column(_ROW_COLUMN, list(range(len(dataset))))
+        prepared = super()._prepare_dataset(indexed, processing_class, args, dataset_name)
+        kept = prepared[_ROW_COLUMN]
+        prepared = prepared.remove_columns(_ROW_COLUMN)
+        dropped = sorted(set(range(len(dataset))) - set(kept))
+        dropped_prompt_lengths, dropped_pair_lengths = [], []
+        if dropped:
+            # The dropped pairs' lengths, to say which max_length keeps them: the same preparation without the filter,
+            # on those pairs only.
+            unfiltered = copy.copy(args)
+            unfiltered.max_length = None
+            lost = super()._prepare_dataset(dataset.select(dropped), processing_class, unfiltered, dataset_name)
+            dropped_prompt_lengths = token_lengths(lost, "prompt_ids").tolist()
+            dropped_pair_lengths = pair_lengths(lost).tolist()
+        report = LengthReport(
+            name=self._dataset_label(dataset_name),
+            max_length=args.max_length,
+            num_pairs=len(dataset),
+            dropped_rows=dropped,
+            dropped_prompt_lengths=dropped_prompt_lengths,
+            dropped_pair_lengths=dropped_pair_lengths,
+            kept_pair_lengths=pair_lengths(prepared).tolist() if len(prepared) else [],
+        )
+        if len(prepared) == 0:
+            raise report.all_dropped_error()
+        message = report.message()
+        if message and args.should_log and report != self.length_reports.get(dataset_name):
+            logger.warning(message)
+        self.length_reports[dataset_name] = report
+        return prepared
+
+    @staticmethod
+    def _dataset_label(dataset_name: str) -> str:
+        return {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name, f"eval_dataset[{dataset_name!r}]")
 
     @classmethod
     def _resolve_args(cls, args, model):
         config_cls = cls.method.config_class
         if args is None:
-            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            name = model if isinstance(model, str) else _trl_compat.get_config_model_id(model.config)
             return config_cls(f"{str(name).split('/')[-1]}-{config_cls._method_name}")
         if isinstance(args, config_cls):
             return args
@@ -170,14 +262,25 @@ class _ReferenceMarginTrainer(DPOTrainer):
                 f"Dataset {name!r} is an IterableDataset; {type(self).__name__} precomputes a margin per pair and "
                 "needs a map-style `datasets.Dataset`."
             )
+        # The precompute is an eval-mode, no-grad forward of the policy: keep bitsandbytes from repacking its 4-bit
+        # layers into a CPU inference layout that cannot be trained afterwards.
+        keep_4bit_layers_trainable(self.model)
         is_train = dataset is self.train_dataset
         # A dataset that went through this step before (e.g. `evaluate(trainer.eval_dataset)`) is recomputed from
         # scratch: its old columns must not reach the reference forward.
         stale = [c for c in (*REFERENCE_COLUMNS, MARGIN_COLUMN) if c in dataset.column_names]
         dataset = dataset.remove_columns(stale) if stale else dataset
-        reference = compute_reference_logps(
-            self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
-        )
+        reference = None
+        if is_train and getattr(self.args, "reference_logps_file", None):
+            # One reference pass: the audit's file, if it was computed on these inputs (else a ValueError saying why).
+            reference = load_matching_reference_logps(
+                self.args.reference_logps_file, reference_fingerprint(self, dataset)
+            )
+        if reference is None:
+            reference = compute_reference_logps(
+                self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
+            )
+        reference.row_digests = pair_digests(dataset)
         if is_train:
             self.train_reference_logps = reference
             self._choose_method_settings(reference)
@@ -191,7 +294,11 @@ class _ReferenceMarginTrainer(DPOTrainer):
         margin = self.reference_margin(reference)
         return with_columns(
             dataset,
-            {"ref_chosen_logps": reference.chosen, "ref_rejected_logps": reference.rejected, MARGIN_COLUMN: margin},
+            {
+                _trl_compat.REF_CHOSEN_LOGPS: reference.chosen,
+                _trl_compat.REF_REJECTED_LOGPS: reference.rejected,
+                MARGIN_COLUMN: margin,
+            },
         )
 
     def _choose_method_settings(self, reference: ReferenceLogps) -> None:
@@ -204,8 +311,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if MARGIN_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, MARGIN_COLUMN]
+        _trl_compat.keep_column(self, MARGIN_COLUMN)
 
     # -- loss and metrics ---------------------------------------------------------------------------------------------
 
@@ -216,30 +322,56 @@ class _ReferenceMarginTrainer(DPOTrainer):
                 "it as `train_dataset`/`eval_dataset` or to `evaluate(eval_dataset=...)`, and keep a collator that "
                 "forwards extra columns."
             )
-        mode = "train" if self.model.training else "eval"
+        mode = _trl_compat.metrics_mode(self)
         margin = inputs[MARGIN_COLUMN]
-        chosen_lengths, rejected_lengths = (n.clamp(min=1) for n in completion_lengths(inputs["completion_mask"]))
+        chosen_lengths, rejected_lengths = _trl_compat.sigmoid_norm_lengths(inputs[_trl_compat.COMPLETION_MASK])
         # Raise the reference log-odds by margin/beta in the loss's space: summed log-probs take it as is; TRL's
         # 'sigmoid_norm' divides by the completion length (clamped to 1, as here), so the shift is pre-multiplied.
         shift = margin / self.args.beta
         if self.length_normalized:
             shift = shift * chosen_lengths.to(shift.device)
         shifted = {k: v for k, v in inputs.items() if k != MARGIN_COLUMN}
-        shifted["ref_chosen_logps"] = inputs["ref_chosen_logps"] + shift
+        shifted[_trl_compat.REF_CHOSEN_LOGPS] = inputs[_trl_compat.REF_CHOSEN_LOGPS] + shift
         with self._policy_logps.recording():
             result = super().compute_loss(model, shifted, return_outputs, num_items_in_batch)
-        policy_chosen, policy_rejected = self._policy_logps.sequence_logps(inputs["completion_mask"])
+        if mode == "train" and self.args.stop_on_nonfinite:
+            self._stop_on_nonfinite(result[0] if return_outputs else result, margin)
+        policy_chosen, policy_rejected = self._policy_logps.sequence_logps(inputs[_trl_compat.COMPLETION_MASK])
         self._log_reference_metrics(
             mode,
             policy_chosen.float(),
             policy_rejected.float(),
-            inputs["ref_chosen_logps"].float(),
-            inputs["ref_rejected_logps"].float(),
+            inputs[_trl_compat.REF_CHOSEN_LOGPS].float(),
+            inputs[_trl_compat.REF_REJECTED_LOGPS].float(),
             chosen_lengths.to(margin.device),
             rejected_lengths.to(margin.device),
             margin.float(),
         )
         return result
+
+    @torch.no_grad()
+    def _stop_on_nonfinite(self, loss: torch.Tensor, margin: torch.Tensor) -> None:
+        """Raise before a non-finite loss or margin reaches the backward pass (config `stop_on_nonfinite`).
+
+        Runs on every process's micro-batch and gathers the verdict, so all processes stop together (a lone rank
+        raising would leave the others waiting in the gradient all-reduce).
+        """
+        flags = torch.stack([~torch.isfinite(margin).all(), ~torch.isfinite(loss).all()]).float().to(loss.device)
+        margin_bad, loss_bad = self.accelerator.gather(flags.unsqueeze(0)).amax(dim=0).tolist()
+        if not (margin_bad or loss_bad):
+            return
+        what = "reference margin" if margin_bad else "loss"
+        cause = (
+            "the per-pair margins come from the reference log-probs: a damaged reference file or data"
+            if margin_bad
+            else "fp16 overflow (use bf16 or fp32), a learning rate that diverges, or bad inputs"
+        )
+        raise FloatingPointError(
+            f"Non-finite {what} (NaN or inf) at training step {self.state.global_step + 1}: training stopped before "
+            "this step updates the weights, so no checkpoint holds NaN weights. Likely cause: "
+            f"{cause}. Fix it and resume from the last checkpoint (resume_from_checkpoint=True). Set "
+            "stop_on_nonfinite=False to keep TRL's behaviour instead (the step runs and the weights can become NaN)."
+        )
 
     @torch.no_grad()
     def _log_reference_metrics(self, mode, *per_pair: torch.Tensor) -> None:
@@ -253,7 +385,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
             *to_loss_space(policy_chosen, policy_rejected, *lengths),
             *to_loss_space(ref_chosen, ref_rejected, *lengths),
         )
-        metrics = self._metrics[mode]
+        metrics = _trl_compat.metric_lists(self, mode)
         metrics["u_fraction"].append(u_fraction(*space, atol=U_FRACTION_ATOL).item())
         metrics["ref_misaligned_fraction"].append(ref_misaligned_fraction(*space[2:]).item())
         delta_ref = space[2] - space[3]
@@ -271,41 +403,132 @@ class _ReferenceMarginTrainer(DPOTrainer):
     # -- checkpoints and resume ---------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
-        # Written before the parent saves the checkpoint, because with `hub_strategy="checkpoint"` the parent also
-        # pushes the folder: the reference log-probs must already be in it.
-        if self.is_world_process_zero() and self.train_reference_logps is not None:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            os.makedirs(folder, exist_ok=True)
+        # The reference file is written last, right after the Trainer's trainer_state.json (so a folder holding it is
+        # complete), and before the Hub push of the folder (`hub_strategy="checkpoint"` uploads it from inside the
+        # parent's `_save_checkpoint`) and the deletion of older checkpoints.
+        folder = _trl_compat.checkpoint_folder(self, trial)
+        written = False
+
+        def write_reference():
+            nonlocal written
+            if not written:
+                written = True
+                self._save_reference_file(folder)
+
+        with write_after_trainer_state(self, folder, write_reference):
+            super()._save_checkpoint(model, trial)
+        write_reference()
+
+    def _save_reference_file(self, folder: str) -> None:
+        if self.args.should_save and self.train_reference_logps is not None and os.path.isdir(folder):
             evals = {f"eval/{name}": reference for name, reference in self.eval_reference_logps.items()}
-            save_reference_checkpoint(
-                folder,
-                {"train": self.train_reference_logps, **evals},
-                metadata={"method": self.method.name, "settings": self.method.settings(self.args)},
-            )
-        super()._save_checkpoint(model, trial)
+            splits = {"train": self.train_reference_logps, **evals}
+            save_reference_checkpoint(folder, splits, metadata=self._reference_metadata(splits))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, str) and os.path.isfile(checkpoint_reference_path(checkpoint)):
-            self._restore_reference(checkpoint)
+        if resume_from_checkpoint is True:
+            # Resolved here rather than by the Trainer, whose choice (the highest step) may be a folder a kill left
+            # incomplete: the newest complete one is taken, and the skipped ones are named.
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
+            problem = complete_checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                raise ValueError(
+                    f"Cannot resume from {resume_from_checkpoint}: {problem}. Pass an earlier checkpoint, or "
+                    "resume_from_checkpoint=True, which takes the newest complete one."
+                )
+            if os.path.isfile(checkpoint_reference_path(resume_from_checkpoint)):
+                self._restore_reference(resume_from_checkpoint)
+            else:
+                logger.warning(
+                    "Checkpoint %s has no %s (its save was interrupted just before that last file, or it was "
+                    "deleted): the reference log-probs are recomputed from the model given to this trainer, and "
+                    "the pairs cannot be checked against the checkpoint's. Pass the model the run started from to "
+                    "get the same margins.",
+                    resume_from_checkpoint,
+                    REFERENCE_FILE,
+                )
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _margin_settings(self) -> dict[str, object]:
+        """The settings that shape the per-pair margin: a resumed run must use the same ones (checked on resume).
+
+        The method, its fields, `beta`, `loss_type` (the log-prob space) and the truncation that decides which tokens
+        the reference scored. The token ids themselves are bound by the pairs' digests.
+        """
+        loss_type = [self.args.loss_type] if isinstance(self.args.loss_type, str) else list(self.args.loss_type)
+        return {
+            "method": self.method.name,
+            "beta": self.args.beta,
+            "loss_type": loss_type,
+            "max_length": self.args.max_length,
+            "truncation_mode": self.args.truncation_mode,
+            **self.method.settings(self.args),
+        }
+
+    def _reference_metadata(self, splits: dict[str, ReferenceLogps]) -> dict[str, object]:
+        return {
+            "method": self.method.name,
+            "settings": self.method.settings(self.args),
+            "margin_settings": self._margin_settings(),
+            "fingerprints": {
+                name: fingerprint(reference.row_digests)
+                for name, reference in splits.items()
+                if reference.row_digests is not None
+            },
+        }
+
+    def _check_checkpoint_binding(self, checkpoint: str, saved: ReferenceLogps, metadata: dict) -> None:
+        """Refuse a resume whose train pairs (token ids, order) or margin settings differ from the checkpoint's."""
+        current = self.train_reference_logps
+        problems = []
+        if saved.row_digests is not None and current.row_digests is not None:
+            difference = describe_pair_difference(saved.row_digests, current.row_digests)
+        else:
+            logger.warning(
+                "Checkpoint %s predates data fingerprints: only the number of pairs and their completion lengths can "
+                "be compared with this train_dataset.",
+                checkpoint,
+            )
+            difference = (
+                None
+                if saved.same_pairs(current)
+                else (f"trained on {len(saved)} pairs whose completion lengths differ from these {len(current)}")
+            )
+        if difference:
+            problems.append(f"data: {difference} (pairs counted after TRL's tokenization and max_length filter)")
+        saved_settings = metadata.get("margin_settings")
+        if isinstance(saved_settings, dict):
+            now = json.loads(json.dumps(self._margin_settings()))  # the form the file stores (tuples become lists)
+            changed = [
+                f"{key}: {saved_settings[key]!r} in the checkpoint, {now[key]!r} now"
+                for key in now
+                if key in saved_settings and saved_settings[key] != now[key]
+            ]
+            if changed:
+                problems.append("margin settings: " + "; ".join(changed))
+        if problems:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: its reference margins belong to another run. "
+                + " ".join(f"[{problem}]" for problem in problems)
+                + ". Resuming would apply the checkpoint's per-pair margins to other pairs or under other settings. "
+                "To proceed, either resume with the same training data (the same rows in the same order, tokenizer "
+                "and max_length) and the same margin settings as the run that wrote the checkpoint, or start a new "
+                "run: drop resume_from_checkpoint, or use another output_dir."
+            )
 
     def _restore_reference(self, checkpoint: str) -> None:
         """Train (and evaluate) against the reference log-probs the checkpoint was trained with."""
         saved = load_reference_checkpoint(checkpoint)
-        self._restore_chosen_settings(read_reference_metadata(checkpoint).get("settings", {}), checkpoint)
+        metadata = read_reference_metadata(checkpoint)
+        if "train" not in saved:
+            raise ReferenceFileError(
+                checkpoint_reference_path(checkpoint), f"it holds no 'train' split (its splits: {list(saved)})"
+            )
         train = saved.pop("train")
         current = self.train_reference_logps
-        if current is None or not train.same_pairs(current):
-            raise ValueError(
-                f"Checkpoint {checkpoint} was trained on other pairs than this trainer's train_dataset (it holds "
-                f"reference log-probs for {len(train)} pairs whose completion lengths differ from these "
-                f"{len(self.train_dataset)}). Resume with the same training data, in the same order."
-            )
+        self._check_checkpoint_binding(checkpoint, train, metadata)
+        self._restore_chosen_settings(metadata.get("settings", {}), checkpoint)
         drift = max((train.chosen - current.chosen).abs().max(), (train.rejected - current.rejected).abs().max())
         if drift > 1e-4:
             logger.warning(
@@ -343,16 +566,23 @@ class _ReferenceMarginTrainer(DPOTrainer):
         else:
             self.eval_dataset = dataset
 
+    def end(self):
+        """Finish the trackers and destroy the process group, as `Trainer.end`, without the gloo teardown deadlock
+        (`trl_cpo._distributed`): all ranks meet first, and the group outlives DDP's reducer."""
+        end_distributed_run(super().end, self.accelerator.wait_for_everyone)
+
     # -- model card ---------------------------------------------------------------------------------------------------
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if not self.is_world_process_zero():
-            return
-        base_model = get_config_model_id(self.model.config)
-        if base_model and os.path.isdir(base_model):
-            base_model += " (a local directory: replace it with the Hub id it came from)"
-        section = method_card_section(
-            self.method, self.args, base_model=base_model, dataset_name=dataset_name, report=self.reference_report
+    def create_model_card(
+        self, model_name=None, dataset_name=None, tags=None, *, base_model_id: str | None = None, license=None
+    ):
+        """Write the model card to `output_dir/README.md` (`trl_cpo.model_card.build_model_card`).
+
+        `dataset_name` is a name or a list of names; only Hub ids are linked. `base_model_id` names the Hub model a
+        local base was downloaded from, and `license` sets the card's license (else the base model's own card's).
+        `push_to_hub(...)` passes its keyword arguments here; unset ones default to `self.model_card_kwargs`.
+        """
+        given = dict(
+            model_name=model_name, dataset_name=dataset_name, tags=tags, base_model_id=base_model_id, license=license
         )
-        insert_card_section(os.path.join(self.args.output_dir, "README.md"), section)
+        write_model_card(self, **{**self.model_card_kwargs, **{k: v for k, v in given.items() if v is not None}})

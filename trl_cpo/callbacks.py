@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import TrainerCallback
-from trl.models.utils import disable_gradient_checkpointing
 
+from . import _trl_compat
 from .logps import completion_lengths, is_length_normalized, to_loss_space
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 
 if TYPE_CHECKING:
     from trl import DPOTrainer
 
-# Batch keys of a preference batch that are not model inputs ("reference_margin" is the CPO / E-CPOC margin column).
-_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps", "reference_margin")
+# A batch key of CPO / E-CPOC that is not a model input, besides DPOTrainer's (`_trl_compat.NON_MODEL_KEYS`).
+_MARGIN_KEY = "reference_margin"
 
 _PER_PAIR_NAMES = (
     "policy_chosen",
@@ -68,7 +68,7 @@ class UFractionCallback(TrainerCallback):
     """
 
     def __init__(self, trainer: DPOTrainer):
-        if getattr(trainer, "ld_alpha", None) is not None:
+        if trainer.args.ld_alpha is not None:
             raise ValueError(
                 "UFractionCallback does not support ld_alpha (LD-DPO weighting): it measures U on plain summed or "
                 "per-token log-probs. Unset ld_alpha, or do not add this callback."
@@ -83,7 +83,7 @@ class UFractionCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, eval_dataloader=None, **kwargs):
         if eval_dataloader is None or metrics is None:
             return
-        prefix = _metric_prefix(metrics)
+        prefix = _trl_compat.metric_prefix(metrics)
         values = {f"{prefix}_{name}": value for name, value in self.compute(eval_dataloader).items()}
         metrics.update(values)
         self.trainer.log(dict(values))
@@ -108,19 +108,19 @@ class UFractionCallback(TrainerCallback):
 
     def _batch_logps(self, policy, reference, batch) -> list[torch.Tensor]:
         trainer = self.trainer
-        batch = trainer._prepare_inputs(batch)
+        batch = _trl_compat.prepare_inputs(trainer, batch)
         policy_chosen, policy_rejected = self._policy_logps(policy, batch)
-        if "ref_chosen_logps" in batch:
-            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if _trl_compat.REF_CHOSEN_LOGPS in batch:
+            ref_chosen, ref_rejected = (batch[key] for key in _trl_compat.REFERENCE_COLUMNS)
         else:
-            ref_batch = {k: v for k, v in batch.items() if k != "reference_margin"}
-            ref_chosen, ref_rejected = trainer.compute_ref_log_probs(reference, ref_batch)
+            ref_batch = {k: v for k, v in batch.items() if k != _MARGIN_KEY}
+            ref_chosen, ref_rejected = _trl_compat.reference_logps(trainer, reference, ref_batch)
         per_pair = (
             policy_chosen,
             policy_rejected,
             ref_chosen,
             ref_rejected,
-            *completion_lengths(batch["completion_mask"]),
+            *completion_lengths(batch[_trl_compat.COMPLETION_MASK]),
         )
         gathered = trainer.accelerator.gather_for_metrics(tuple(t.float() for t in per_pair))
         return [t.cpu() for t in gathered]
@@ -142,22 +142,9 @@ class UFractionCallback(TrainerCallback):
         # The policy's summed completion log-probs, computed as DPOTrainer computes them (fused LM head, completion
         # tokens only), but without a loss.
         trainer = self.trainer
-        completion_mask = batch["completion_mask"]
-        model_kwargs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
-        labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
         with (
-            disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs),
+            _trl_compat.disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs),
             trainer.accelerator.autocast(),
         ):
-            outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
-        # Prompt-learning PEFT prepends virtual tokens; keep the positions of the real (shifted) tokens.
-        per_token = outputs.log_probs[:, -(completion_mask.size(1) - 1) :]
-        return per_token.sum(dim=1).chunk(2, dim=0)
-
-
-def _metric_prefix(metrics: dict) -> str:
-    # `Trainer.evaluate` always adds `<prefix>_runtime`; the prefix is "eval", or "eval_<name>" for a dict of eval sets.
-    for key in metrics:
-        if key.endswith("_runtime"):
-            return key[: -len("_runtime")]
-    return "eval"
+            log_probs = _trl_compat.fused_forward_log_probs(model, batch, exclude=(_MARGIN_KEY,))
+        return _trl_compat.summed_completion_logps(log_probs, batch[_trl_compat.COMPLETION_MASK])

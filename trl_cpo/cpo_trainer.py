@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._config_utils import logger
 from ._margin_trainer import _ReferenceMarginTrainer
+from ._trl_compat import card_attributes
 from .methods import METHODS
 from .model_card import CITATION, PAPER_ID, PAPER_TITLE
 from .reference import ReferenceLogps
@@ -25,9 +26,11 @@ class CPOTrainer(_ReferenceMarginTrainer):
 
     method = METHODS["cpo"]
 
-    _tag_names = ["trl", "trl-cpo", "constrained-preference-optimization"]
-    _name = "CPO (Constrained Preference Optimization)"
-    _paper = {"title": PAPER_TITLE, "id": PAPER_ID, "citation": CITATION}
+    _tag_names, _name, _paper = card_attributes(
+        tags=["trl", "trl-cpo", "constrained-preference-optimization"],
+        name="CPO (Constrained Preference Optimization)",
+        paper={"title": PAPER_TITLE, "id": PAPER_ID, "citation": CITATION},
+    )
 
     def _choose_method_settings(self, reference: ReferenceLogps) -> None:
         share = self.args.cpo_auto_gamma
@@ -54,6 +57,13 @@ class CPOTrainer(_ReferenceMarginTrainer):
             recommendation.reason,
         )
         self.args.cpo_gamma = recommendation.gamma
+
+    def _margin_settings(self) -> dict[str, object]:
+        settings = {**super()._margin_settings(), "cpo_auto_gamma": self.args.cpo_auto_gamma}
+        if self.args.cpo_auto_gamma is not None:
+            # cpo_gamma was chosen from the data, and a resumed run takes the checkpoint's back: compare the share.
+            del settings["cpo_gamma"]
+        return settings
 
     def _restore_chosen_settings(self, saved_settings: dict, checkpoint: str) -> None:
         # A cpo_gamma chosen by cpo_auto_gamma is part of the run: a resumed run keeps the checkpoint's value rather

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._margin_trainer import _ReferenceMarginTrainer
+from ._trl_compat import card_attributes
 from .methods import METHODS
 from .model_card import CITATION, PAPER_ID, PAPER_TITLE
 
@@ -22,6 +23,8 @@ class ECPOCTrainer(_ReferenceMarginTrainer):
 
     method = METHODS["ecpoc"]
 
-    _tag_names = ["trl", "trl-cpo", "e-cpoc", "constrained-preference-optimization"]
-    _name = "E-CPOC (Constrained Preference Optimization, hard constraint)"
-    _paper = {"title": PAPER_TITLE, "id": PAPER_ID, "citation": CITATION}
+    _tag_names, _name, _paper = card_attributes(
+        tags=["trl", "trl-cpo", "e-cpoc", "constrained-preference-optimization"],
+        name="E-CPOC (Constrained Preference Optimization, hard constraint)",
+        paper={"title": PAPER_TITLE, "id": PAPER_ID, "citation": CITATION},
+    )

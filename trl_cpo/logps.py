@@ -21,7 +21,11 @@ def is_length_normalized(loss_type: str | Sequence[str]) -> bool:
 
 
 def completion_lengths(completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion token counts (float) of a `[chosen; rejected]` batch, counted as TRL's `sigmoid_norm` counts them."""
+    """Completion token counts (float) of a `[chosen; rejected]` batch, counted as TRL's `sigmoid_norm` counts them.
+
+    Not clamped (a count of 0 is kept, e.g. in the stored reference); the loss's clamped count is
+    `trl_cpo._trl_compat.sigmoid_norm_lengths`.
+    """
     lengths = completion_mask.sum(dim=1).float()
     return lengths.chunk(2, dim=0)
 

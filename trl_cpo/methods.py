@@ -66,6 +66,9 @@ class Method:
     metric_is_margin: bool
     #: The formula, as written on model cards.
     formula: str
+    #: Config fields of the method that are not arguments of `target` (e.g. CPO's `cpo_auto_gamma`, which chooses
+    #: `cpo_gamma` from the data): scripts accept them with the method's fields, model cards list them when set.
+    config_only_fields: tuple[str, ...] = ()
 
     @property
     def trainer_class(self) -> type:
@@ -97,6 +100,7 @@ METHODS: dict[str, Method] = {
         metric_is_margin=True,
         formula="loss = -log sigmoid(beta * (delta_pi - delta_ref) - m),  "
         "m = cpo_gamma * (1/pi_ref(y_w) + 1/pi_ref(y_l)) on per-token reference probabilities",
+        config_only_fields=("cpo_auto_gamma",),
     ),
     "ecpoc": Method(
         name="ecpoc",

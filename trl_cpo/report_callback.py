@@ -12,6 +12,7 @@ import logging
 
 from transformers import TrainerCallback
 
+from . import _trl_compat
 from .reference import compute_reference_logps
 from .report import ReferenceReport, reference_report
 
@@ -65,7 +66,7 @@ class ReferenceReportCallback(TrainerCallback):
         if self.report is None:
             batch_size = self._batch_size or args.precompute_ref_batch_size or args.per_device_train_batch_size
             dataset = trainer.train_dataset
-            stale = [c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in dataset.column_names]
+            stale = [c for c in _trl_compat.REFERENCE_COLUMNS if c in dataset.column_names]
             reference = compute_reference_logps(
                 trainer, dataset.remove_columns(stale) if stale else dataset, batch_size=batch_size
             )

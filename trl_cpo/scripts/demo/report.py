@@ -270,19 +270,17 @@ COLORS = {"DPO": "tab:red", "CPO": "tab:blue", "CPO-auto": "tab:purple", "CPO-in
 COLORS["E-CPOC"] = "tab:green"
 #: Dashed / dotted where rows overlap (CPO and CPO-inverse_logp sit on DPO's curves at the released settings).
 LINESTYLES = {"DPO": "-", "CPO": "--", "CPO-auto": "-", "CPO-inverse_logp": ":", "E-CPOC": "-"}
-PLOTS_HINT = "pip install 'trl-cpo[plots]'"
 
 
 def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed (the `[plots]` extra)."""
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed (the `[plots]` extra): the demo
+    then writes its table and JSON and says which extra draws the figures."""
+    from trl_cpo._plotting import require_matplotlib
+
     try:
-        import matplotlib
+        return require_matplotlib()
     except ImportError:
         return None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _band(values_per_seed: list[list[float | None]]):
@@ -493,5 +491,7 @@ def finish(output: dict[str, Any], args) -> None:
     write_json(json_path, output)
     print(f"\nWrote {', '.join([*paths, json_path, *plotted])}")
     if not plotted:
-        print(f"matplotlib is not installed: no plot written ({PLOTS_HINT}).", file=sys.stderr)
+        from trl_cpo._plotting import PLOTS_EXTRA_HINT
+
+        print(f"matplotlib is not installed: no plot written ({PLOTS_EXTRA_HINT}).", file=sys.stderr)
     print(f"Total wall time: {output['timing_seconds']:.0f} s")

@@ -1,0 +1,46 @@
+"""Ending a distributed run without the gloo teardown deadlock.
+
+`Trainer.end()` destroys the default process group, but the group object lives on while DDP's C++ `Reducer` holds it.
+When the trainer is then freed (in the recipe: as soon as `main()` returns), the `Reducer`'s Python binding drops the
+last reference to the group *with the GIL held*, and `ProcessGroupGloo`'s destructor joins its worker threads. A worker
+that has just finished a collective still holds that collective's work, whose tensors belong to Python objects: freeing
+them needs the GIL, which the joining thread holds. Both wait forever. It happens on a non-main rank, which has nothing
+to write after training: its last collective (the Trainer's `store_flos` all-gather at the end of `train()`) is only
+milliseconds old when the trainer is freed, and on a busy CPU the worker thread is not scheduled in between. Seen with
+torch 2.13 on CPU (gloo), about one 2-process run in eight; py-spy shows the main thread in
+`Reducer` dealloc -> `~ProcessGroupGloo` -> `std::thread::join` and a gloo worker in `~AsyncAllgatherWork` ->
+`gil_scoped_acquire`. Upstream context: pytorch/pytorch#56297 (blocking destructors of pybind-bound classes) and
+pytorch/pytorch#154976 (which made the `ProcessGroup` binding release the GIL before destruction, but not the
+`Reducer`'s).
+
+The fix keeps a Python reference to the group until the interpreter exits, so the `Reducer` never holds the last one:
+the group is destroyed through the `ProcessGroup` binding, which releases the GIL first and lets the workers finish.
+"""
+
+from __future__ import annotations
+
+import atexit
+from collections.abc import Callable
+
+import torch.distributed as dist
+
+#: Process groups kept alive past `Trainer.end()`, released at interpreter exit (see the module docstring), while the
+#: interpreter is still whole: `atexit` handlers run before module teardown.
+_KEPT_GROUPS: list = []
+atexit.register(_KEPT_GROUPS.clear)
+
+
+def end_distributed_run(end: Callable[[], None], wait_for_everyone: Callable[[], None], group=None) -> None:
+    """Call `end` (`Trainer.end`: finish trackers, destroy the process group) without the gloo teardown deadlock.
+
+    All ranks first meet at a barrier (`wait_for_everyone`), so that no rank tears down while another is still saving
+    or communicating; `group` (default: the default group) is then kept referenced until the interpreter exits. Just
+    calls `end` when no process group exists.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        end()
+        return
+    group = dist.group.WORLD if group is None else group
+    wait_for_everyone()
+    end()
+    _KEPT_GROUPS.append(group)

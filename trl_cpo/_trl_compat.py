@@ -1,0 +1,544 @@
+"""Every private TRL / transformers name or behaviour trl_cpo relies on, in one place.
+
+TRL's `DPOTrainer` has no public hook for a per-pair reference margin, so the trainers lean on some of its internals:
+method names they override, batch keys, numerical conventions of its loss, its metric lists, the calls that write
+the model card. Each one is declared here once, as a constant or a thin function whose docstring cites where it comes
+from in TRL 1.16.0, and is registered in `ASSUMPTIONS`. The rest of the package goes through this module instead of touching
+those names, so the coupling is listed in one file:
+
+- `tests/test_trl_contract.py` checks each assumption against the installed TRL (its behaviour where that can be run
+  on a tiny model, not just the name) and fails with `Assumption.broken()`'s message, which names the assumption, the
+  trl_cpo code relying on it and the TRL function it came from, in the installed TRL version.
+- `docs/trl-compatibility.md` lists them, with the TRL versions the contract tests pass on.
+
+Public TRL / transformers API (`DPOTrainer`, `DPOConfig`, `Trainer` callbacks, `accelerator.gather*`) is used
+directly elsewhere and is not listed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# TRL, transformers and torch are imported inside the functions: light modules (the configs, the reference file, the
+# model card) use this one, and `trl-cpo --help` must not load them.
+
+
+#: TRL versions on which `tests/test_trl_contract.py` passed (the `trl` pin in pyproject.toml says the same).
+TESTED_TRL_VERSIONS = ("1.16.0",)
+
+
+@dataclass(frozen=True)
+class Assumption:
+    """One thing trl_cpo assumes about TRL (or transformers), where it relies on it and where it comes from."""
+
+    key: str
+    #: What is assumed, in one sentence.
+    summary: str
+    #: trl_cpo code that relies on it (`trl_cpo.<module>.<name>`).
+    used_by: tuple[str, ...]
+    #: "module:qualified.name" of the TRL / transformers code it was read from (resolved to file and line).
+    origin: str
+
+    def source(self) -> str:
+        """`trl/trainer/dpo_trainer.py:1285 DPOTrainer._compute_loss`: the origin in the installed package."""
+        module_name, qualname = self.origin.split(":")
+        path = module_name.replace(".", "/") + ".py"
+        try:
+            obj = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            obj = inspect.unwrap(obj)
+            line = inspect.getsourcelines(obj)[1]
+        except (AttributeError, ImportError, OSError, TypeError):
+            return f"{path} {qualname} (not found in this version)"
+        return f"{path}:{line} {qualname}"
+
+    def broken(self, detail: str = "") -> str:
+        """The message a contract test (or a runtime check) fails with."""
+        package = self.origin.split(".")[0]
+        version = importlib.import_module(package).__version__
+        trl_version = importlib.import_module("trl").__version__
+        message = (
+            f"TRL contract broken: {self.summary} (relied on by {', '.join(self.used_by)}; from {self.source()} in "
+            f"{package} {version}; contract tested on trl {', '.join(TESTED_TRL_VERSIONS)}, installed {trl_version})"
+        )
+        return f"{message}: {detail}" if detail else message
+
+
+_DPO = "trl.trainer.dpo_trainer"
+_TRAINER = "transformers.trainer"
+
+ASSUMPTIONS: dict[str, Assumption] = {
+    a.key: a
+    for a in (
+        Assumption(
+            "batch_layout",
+            "a preference batch stacks chosen then rejected rows on dim 0 ([chosen; rejected]) with keys input_ids, "
+            "attention_mask, completion_mask (1 on completion tokens) and, once precomputed, ref_chosen_logps / "
+            "ref_rejected_logps (one summed completion log-prob per pair)",
+            (
+                "trl_cpo._margin_trainer._ReferenceMarginTrainer.compute_loss",
+                "trl_cpo.reference.compute_reference_logps",
+                "trl_cpo.callbacks.UFractionCallback",
+            ),
+            f"{_DPO}:DataCollatorForPreference.torch_call",
+        ),
+        Assumption(
+            "collator",
+            "the trainer's data_collator (DataCollatorForPreference for text data) builds that batch from tokenized "
+            "rows with prompt_ids, chosen_ids, rejected_ids (and optional ref_chosen_logps / ref_rejected_logps), "
+            "truncating each prompt + completion to max_length there (not at tokenization); the prepared dataset "
+            "carries those columns",
+            (
+                "trl_cpo._margin_trainer.ReferenceMarginCollator",
+                "trl_cpo.reference.compute_reference_logps",
+                "trl_cpo.reference_file.data_digest",
+                "trl_cpo.scripts.audit.score.score",
+            ),
+            f"{_DPO}:DPOTrainer._prepare_dataset",
+        ),
+        Assumption(
+            "loss_reads_batch_reference",
+            "with precompute_ref_log_probs=True, _compute_loss reads the reference from the batch's "
+            "ref_chosen_logps / ref_rejected_logps and 'sigmoid' is -logsigmoid(beta * ((pi_w - ref_w) - (pi_l - "
+            "ref_l))), so raising ref_chosen_logps by s lowers the log-odds by s",
+            ("trl_cpo._margin_trainer._ReferenceMarginTrainer.compute_loss",),
+            f"{_DPO}:DPOTrainer._compute_loss",
+        ),
+        Assumption(
+            "sigmoid_norm_lengths",
+            "'sigmoid_norm' divides each completion's log-ratio by completion_mask.sum(dim=1).clamp(min=1) (the "
+            "unshifted mask, chosen and rejected halves)",
+            (
+                "trl_cpo._margin_trainer._ReferenceMarginTrainer.compute_loss",
+                "trl_cpo.logps.completion_lengths",
+            ),
+            f"{_DPO}:DPOTrainer._compute_loss",
+        ),
+        Assumption(
+            "loss_weights",
+            "the loss is sum_i loss_weights[i] * mean(term_i) over loss_type, and 'sft' is the mean negative "
+            "log-prob of the chosen completion tokens (it reads no reference, so the margin reaches only the "
+            "preference term)",
+            ("trl_cpo._config_utils.validate_dpo_fields (MIXABLE_LOSS_TYPES)",),
+            f"{_DPO}:DPOTrainer._compute_loss",
+        ),
+        Assumption(
+            "fused_lm_head",
+            "_compute_loss makes one policy forward, model(**inputs, labels=..., fused_lm_head=True), through the "
+            "outermost model's __call__, whose output.log_probs is [2 * pairs, seq_len - 1 (+ virtual tokens)] "
+            "per-token log-probs, zero outside the completion; summed over the last seq_len - 1 positions they are "
+            "the completion log-probs",
+            (
+                "trl_cpo._margin_trainer._PolicyLogpsRecorder",
+                "trl_cpo.callbacks.UFractionCallback._policy_logps",
+            ),
+            f"{_DPO}:DPOTrainer._compute_loss",
+        ),
+        Assumption(
+            "compute_ref_log_probs",
+            "trainer.compute_ref_log_probs(model, batch) returns the (chosen, rejected) summed completion log-probs of "
+            "model, with the PEFT adapter disabled when there is no ref_model",
+            ("trl_cpo.reference.compute_reference_logps", "trl_cpo.callbacks.UFractionCallback"),
+            f"{_DPO}:DPOTrainer.compute_ref_log_probs",
+        ),
+        Assumption(
+            "precompute_hook",
+            "_precompute_ref_logps(dataset, name, batch_size) -> dataset is called once per dataset: in __init__ for "
+            "the train set ('train', passed as the object trainer.train_dataset) then each eval set ('eval' or the eval "
+            "dict's keys), and in evaluate() for each dataset passed to it; its return value replaces the dataset",
+            ("trl_cpo._margin_trainer._ReferenceMarginTrainer._precompute_ref_logps",),
+            f"{_DPO}:DPOTrainer._precompute_ref_logps",
+        ),
+        Assumption(
+            "precompute_model",
+            "during the precompute the reference is trainer.ref_model if set, else trainer.model; under DeepSpeed "
+            "without ref_model, an inference engine built once with trl.models.prepare_deepspeed(model, accelerator) "
+            "and kept in trainer._precompute_engine (None until then)",
+            ("trl_cpo.reference._reference_model",),
+            f"{_DPO}:DPOTrainer._precompute_ref_logps",
+        ),
+        Assumption(
+            "metric_lists",
+            "trainer._metrics[mode] (mode 'train' if model.training else 'eval') is a dict of lists; _compute_loss "
+            "appends one value per call to each of rewards/chosen, rewards/rejected, rewards/accuracies, "
+            "rewards/margins; log() averages every list of the mode (extra keys too), prefixes 'eval_' in "
+            "evaluation and clears them",
+            ("trl_cpo._margin_trainer._ReferenceMarginTrainer._log_reference_metrics",),
+            f"{_DPO}:DPOTrainer.log",
+        ),
+        Assumption(
+            "signature_columns",
+            "_set_signature_columns_if_needed() fills trainer._signature_columns, the dataset columns Trainer keeps "
+            "when remove_unused_columns=True",
+            ("trl_cpo._margin_trainer._ReferenceMarginTrainer._set_signature_columns_if_needed",),
+            f"{_DPO}:DPOTrainer._set_signature_columns_if_needed",
+        ),
+        Assumption(
+            "save_checkpoint",
+            "_save_checkpoint(model, trial) saves into <_get_output_dir(trial)>/checkpoint-<global_step> (the folder "
+            "get_last_checkpoint finds): the model files, then optimizer / scheduler / RNG states, then "
+            "self.state.save_to_json(<folder>/trainer_state.json) as its last write, then the push from inside when "
+            "hub_strategy='checkpoint', then the deletion of checkpoints beyond save_total_limit",
+            (
+                "trl_cpo._margin_trainer._ReferenceMarginTrainer._save_checkpoint",
+                "trl_cpo._margin_trainer._ReferenceMarginTrainer.train",
+                "trl_cpo.checkpoints.write_after_trainer_state",
+                "trl_cpo.checkpoints.complete_checkpoint_problem",
+            ),
+            f"{_TRAINER}:Trainer._save_checkpoint",
+        ),
+        Assumption(
+            "prepare_dataset",
+            "_prepare_dataset(dataset, processing_class, args, dataset_name) returns the tokenized dataset "
+            "(prompt_ids, chosen_ids, rejected_ids) in input order with the input's other columns kept, less the "
+            "pairs whose tokenized prompt has at least args.max_length tokens (truncation_mode 'keep_start'); it "
+            "reads args.max_length for that filter only",
+            ("trl_cpo._margin_trainer._ReferenceMarginTrainer._prepare_dataset",),
+            f"{_DPO}:DPOTrainer._prepare_dataset",
+        ),
+        Assumption(
+            "model_card",
+            "DPOTrainer.__init__ adds the class attribute _tag_names to the model's tags; _save_checkpoint calls "
+            "self.create_model_card(model_name=...) for every checkpoint, and Trainer.push_to_hub(**kwargs) calls "
+            "self.create_model_card(model_name=..., **kwargs) (the trainers override it with their own card); "
+            "DPOTrainer._paper holds the DPO paper's title, id and citation",
+            (
+                "trl_cpo.cpo_trainer.CPOTrainer",
+                "trl_cpo.ecpoc_trainer.ECPOCTrainer",
+                "trl_cpo._margin_trainer._ReferenceMarginTrainer.create_model_card",
+                "trl_cpo.model_card.build_model_card",
+                "trl_cpo.scripts.train.DPOBaselineTrainer",
+            ),
+            f"{_DPO}:DPOTrainer._save_checkpoint",
+        ),
+        Assumption(
+            "get_config_model_id",
+            "trl.trainer.utils.get_config_model_id(config) is the model's name or path (config._name_or_path)",
+            (
+                "trl_cpo._margin_trainer._ReferenceMarginTrainer._resolve_args",
+                "trl_cpo.model_card.build_model_card",
+            ),
+            "trl.trainer.utils:get_config_model_id",
+        ),
+        Assumption(
+            "tracker_urls",
+            "trl.trainer.utils.get_trackio_space_url() and get_comet_experiment_url() take no argument and return the "
+            "run's URL, or None when there is no such run",
+            ("trl_cpo.model_card.build_model_card",),
+            "trl.trainer.utils:get_trackio_space_url",
+        ),
+        Assumption(
+            "save_without_push",
+            "Trainer.save_model(output_dir, _internal_call=True) saves the model without pushing it, even with "
+            "args.push_to_hub set",
+            ("trl_cpo.model_card.write_hub_dry_run",),
+            f"{_TRAINER}:Trainer.save_model",
+        ),
+        Assumption(
+            "push_ignore_patterns",
+            "Trainer.push_to_hub uploads output_dir without the files matching '_*' and 'checkpoint-*'",
+            ("trl_cpo.model_card.hub_upload_files",),
+            f"{_TRAINER}:Trainer.push_to_hub",
+        ),
+        Assumption(
+            "ddp_ignored_buffers",
+            "DistributedDataParallel skips the parameters and buffers named in module._ddp_params_and_buffers_to_ignore",
+            ("trl_cpo.scripts.train.main (--ignore_bias_buffers)",),
+            "torch.nn.parallel.distributed:DistributedDataParallel.__init__",
+        ),
+        Assumption(
+            "disable_gradient_checkpointing",
+            "trl.models.utils.disable_gradient_checkpointing(model, kwargs) switches gradient checkpointing off "
+            "inside the block and back on after",
+            ("trl_cpo.callbacks.UFractionCallback._policy_logps",),
+            "trl.models.utils:disable_gradient_checkpointing",
+        ),
+        Assumption(
+            "prepare_inputs",
+            "Trainer._prepare_inputs(batch) returns the batch on the trainer's device",
+            ("trl_cpo.callbacks.UFractionCallback._batch_logps",),
+            f"{_TRAINER}:Trainer._prepare_inputs",
+        ),
+        Assumption(
+            "eval_metric_prefix",
+            "the metrics evaluate() hands to on_evaluate hold '<metric_key_prefix>_runtime' ('eval', or "
+            "'eval_<name>' for a dict of eval sets)",
+            ("trl_cpo.callbacks.UFractionCallback.on_evaluate",),
+            "transformers.trainer_utils:speed_metrics",
+        ),
+    )
+}
+
+# -- batch layout and collator (DataCollatorForPreference.torch_call, DPOTrainer._prepare_dataset) ----------------------
+
+#: Batch key marking completion tokens (1) against prompt and padding (0).
+COMPLETION_MASK = "completion_mask"
+#: Batch keys / dataset columns of the precomputed reference log-probs, summed over completion tokens.
+REF_CHOSEN_LOGPS = "ref_chosen_logps"
+REF_REJECTED_LOGPS = "ref_rejected_logps"
+REFERENCE_COLUMNS = (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS)
+#: Batch keys that are not model inputs (DPOTrainer._compute_loss's `_non_model_keys`).
+NON_MODEL_KEYS = (COMPLETION_MASK, *REFERENCE_COLUMNS)
+#: Columns of a tokenized preference dataset, read by the collator.
+TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def sigmoid_norm_lengths(completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) completion lengths as `loss_type='sigmoid_norm'` divides by them (float).
+
+    DPOTrainer._compute_loss ('sigmoid_norm' branch): `completion_mask.chunk(2)[i].sum(dim=1).clamp(min=1.0)`, on the
+    unshifted mask.
+    """
+    return completion_mask.sum(dim=1).float().clamp(min=1.0).chunk(2, dim=0)
+
+
+# -- fused LM head (DPOTrainer._compute_loss, trl.trainer.utils.add_fused_lm_head) -------------------------------------
+
+
+def fused_head_log_probs(call_kwargs: dict, output) -> torch.Tensor | None:
+    """The per-token log-probs of a model call made by DPOTrainer's loss, or None for any other call.
+
+    For a forward hook registered `with_kwargs=True`: DPOTrainer._compute_loss calls the policy as
+    `model(**model_kwargs, labels=labels, fused_lm_head=True)` and reads `outputs.log_probs`.
+    """
+    return output.log_probs if call_kwargs.get("fused_lm_head") else None
+
+
+def fused_forward_log_probs(model, batch: dict, *, exclude: tuple[str, ...] = ()) -> torch.Tensor:
+    """Per-token log-probs of `batch` from `model`'s fused LM head, called as DPOTrainer._compute_loss calls it.
+
+    Labels are `input_ids` with non-completion positions set to -100; keys in `NON_MODEL_KEYS` and `exclude` are not
+    passed to the model. Returns `[2 * pairs, seq_len - 1 (+ virtual tokens)]`, zero outside the completion.
+    """
+    completion_mask = batch[COMPLETION_MASK]
+    model_kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS and k not in exclude}
+    labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+    return model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True).log_probs
+
+
+def summed_completion_logps(
+    log_probs: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) completion log-probs from fused-head per-token log-probs, as DPOTrainer sums them.
+
+    DPOTrainer._compute_loss without ld_alpha: `log_probs[:, -seq_len:].sum(dim=1)` with `seq_len` the shifted
+    length (prompt-learning PEFT prepends virtual tokens, which the slice drops), then `.chunk(2)`.
+    """
+    seq_len = completion_mask.size(1) - 1
+    return log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+
+
+def reference_logps(trainer, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed reference log-probs of `batch`: `DPOTrainer.compute_ref_log_probs(model, batch)`."""
+    return trainer.compute_ref_log_probs(model, batch)
+
+
+# -- precompute (DPOTrainer.__init__, DPOTrainer.evaluate, DPOTrainer._precompute_ref_logps) ---------------------------
+
+#: The DPOTrainer method the trainers override to run their own precompute (same signature and call sites).
+PRECOMPUTE_METHOD = "_precompute_ref_logps"
+
+
+def deepspeed_precompute_engine(trainer):
+    """The DeepSpeed inference engine DPOTrainer keeps for reference forwards of a not-yet-prepared policy.
+
+    DPOTrainer._precompute_ref_logps builds it once with `trl.models.prepare_deepspeed(self.model, self.accelerator)`
+    and keeps it in `self._precompute_engine` (set to None in __init__ before the first precompute).
+    """
+    if trainer._precompute_engine is None:
+        from trl.models import prepare_deepspeed
+
+        trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
+    return trainer._precompute_engine
+
+
+# -- metrics (DPOTrainer._compute_loss, DPOTrainer.log) ----------------------------------------------------------------
+
+#: The reward metrics DPOTrainer._compute_loss appends once per call.
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+def metrics_mode(trainer) -> str:
+    """'train' or 'eval', chosen as DPOTrainer._compute_loss and DPOTrainer.log choose it (`model.training`)."""
+    return "train" if trainer.model.training else "eval"
+
+
+def metric_lists(trainer, mode: str) -> dict[str, list[float]]:
+    """DPOTrainer's `self._metrics[mode]`: metric name -> values appended since the last log, averaged by `log`."""
+    return trainer._metrics[mode]
+
+
+# -- dataset columns (Trainer._remove_unused_columns, DPOTrainer._set_signature_columns_if_needed) ---------------------
+
+
+def keep_column(trainer, column: str) -> None:
+    """Add `column` to the columns Trainer keeps under `remove_unused_columns=True` (`self._signature_columns`).
+
+    Call after `super()._set_signature_columns_if_needed()`.
+    """
+    if column not in trainer._signature_columns:
+        trainer._signature_columns = [*trainer._signature_columns, column]
+
+
+# -- checkpoints (transformers Trainer._save_checkpoint, Trainer._get_output_dir) --------------------------------------
+
+
+def checkpoint_folder(trainer, trial) -> str:
+    """The folder `Trainer._save_checkpoint(model, trial)` is about to write: `<run dir>/checkpoint-<global_step>`."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return os.path.join(trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+
+
+def get_last_checkpoint(output_dir: str) -> str | None:
+    """`transformers.trainer_utils.get_last_checkpoint`: the `checkpoint-<step>` folder with the highest step."""
+    from transformers.trainer_utils import get_last_checkpoint as last
+
+    return last(output_dir)
+
+
+# -- model card and Hub (DPOTrainer.__init__, DPOTrainer._save_checkpoint, Trainer.push_to_hub, Trainer.save_model) -----
+
+
+def card_attributes(*, tags: list[str], name: str, paper: dict[str, str]) -> tuple[list[str], str, dict[str, str]]:
+    """Values for a trainer's class attributes `_tag_names, _name, _paper`, TRL's names for what a card shows.
+
+    DPOTrainer.__init__ adds `_tag_names` to the model's tags (`model.add_model_tags`), which `push_to_hub` puts on
+    the card; `trl_cpo.model_card` reads all three. `paper` holds "title", "id" (arXiv id) and "citation" (BibTeX). Use
+    as `_tag_names, _name, _paper = card_attributes(tags=[...], name="...", paper={...})` in a trainer's class body.
+    """
+    return list(tags), name, dict(paper)
+
+
+def dpo_paper() -> dict[str, str]:
+    """DPOTrainer's `_paper` class attribute: the DPO paper's "title", "id" and "citation" (for the DPO baseline)."""
+    from trl import DPOTrainer
+
+    return dict(DPOTrainer._paper)
+
+
+def get_config_model_id(config) -> str:
+    """`trl.trainer.utils.get_config_model_id(config)`: the model's name or path (`config._name_or_path`)."""
+    from trl.trainer.utils import get_config_model_id as model_id
+
+    return model_id(config)
+
+
+def tracker_urls() -> dict[str, str]:
+    """Links to the run's Trackio space and Comet experiment, where there are ones, as TRL's model card finds them.
+
+    `trl.trainer.utils.get_trackio_space_url()` and `get_comet_experiment_url()`: a URL, or None without a run.
+    """
+    from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url
+
+    urls = {"Trackio": get_trackio_space_url(), "Comet experiment": get_comet_experiment_url()}
+    return {name: url for name, url in urls.items() if url is not None}
+
+
+def save_model_without_push(trainer, output_dir: str | None = None) -> None:
+    """`Trainer.save_model(output_dir, _internal_call=True)`: save (gathering sharded weights) without the push that
+    `save_model` otherwise makes when `args.push_to_hub` is set."""
+    trainer.save_model(output_dir, _internal_call=True)
+
+
+#: What `Trainer.push_to_hub` passes to `upload_folder` as `ignore_patterns` (transformers trainer.py,
+#: `Trainer.push_to_hub`: `["_*", f"{PREFIX_CHECKPOINT_DIR}-*"]`); huggingface_hub adds its own defaults.
+PUSH_IGNORE_PATTERNS = ("_*", "checkpoint-*")
+
+
+def ignore_in_ddp(model, names: list[str]) -> None:
+    """Make DistributedDataParallel skip these parameters / buffers (it reads `module._ddp_params_and_buffers_to_ignore`
+    when it wraps the model): booleans (e.g. causal masks of some architectures) cannot be broadcast."""
+    model._ddp_params_and_buffers_to_ignore = list(names)
+
+
+# -- evaluation metrics (transformers Trainer.evaluate, trainer_utils.speed_metrics) -----------------------------------
+
+
+def metric_prefix(metrics: dict) -> str:
+    """The `metric_key_prefix` of an evaluation's metrics: "eval", or "eval_<name>" for a dict of eval sets.
+
+    `Trainer.evaluate` always adds `<prefix>_runtime` (`speed_metrics`).
+    """
+    for key in metrics:
+        if key.endswith("_runtime"):
+            return key[: -len("_runtime")]
+    return "eval"
+
+
+def prepare_inputs(trainer, batch: dict) -> dict:
+    """`Trainer._prepare_inputs(batch)`: the batch moved to the trainer's device."""
+    return trainer._prepare_inputs(batch)
+
+
+# -- runtime check -----------------------------------------------------------------------------------------------------
+
+#: DPOTrainer methods trl_cpo overrides or calls, with the parameters it passes (an override of a method TRL renamed
+#: would silently never run).
+DPO_METHODS = {
+    PRECOMPUTE_METHOD: ("dataset", "name", "batch_size"),
+    "_set_signature_columns_if_needed": (),
+    "_prepare_dataset": ("dataset", "processing_class", "args", "dataset_name"),
+    "_save_checkpoint": ("model", "trial"),
+    "_get_output_dir": ("trial",),
+    "compute_ref_log_probs": ("model", "inputs"),
+    "create_model_card": ("model_name", "dataset_name", "tags"),
+}
+#: The assumption each of those methods belongs to.
+METHOD_ASSUMPTIONS = {
+    PRECOMPUTE_METHOD: "precompute_hook",
+    "_set_signature_columns_if_needed": "signature_columns",
+    "_prepare_dataset": "prepare_dataset",
+    "_save_checkpoint": "save_checkpoint",
+    "_get_output_dir": "save_checkpoint",
+    "compute_ref_log_probs": "compute_ref_log_probs",
+    "create_model_card": "model_card",
+}
+
+
+def check_dpo_trainer(cls=None) -> None:
+    """Raise `RuntimeError` with the broken assumption if DPOTrainer lacks a method trl_cpo overrides or calls."""
+    if cls is None:
+        from trl import DPOTrainer as cls
+    for name, params in DPO_METHODS.items():
+        method = getattr(cls, name, None)
+        found = () if method is None else tuple(inspect.signature(method).parameters)[1:]
+        if method is None or found[: len(params)] != params:
+            detail = f"{cls.__name__}.{name}{'' if method is None else found} is not {name}{params}"
+            raise RuntimeError(ASSUMPTIONS[METHOD_ASSUMPTIONS[name]].broken(detail))
+
+
+@contextlib.contextmanager
+def disable_gradient_checkpointing(model, gradient_checkpointing_kwargs: dict | None = None) -> Iterator[None]:
+    """`trl.models.utils.disable_gradient_checkpointing`: gradient checkpointing off inside the block, back on after."""
+    from trl.models.utils import disable_gradient_checkpointing as disabled
+
+    with disabled(model, gradient_checkpointing_kwargs):
+        yield
+
+
+def preference_collator_class() -> type:
+    """`trl.trainer.dpo_trainer.DataCollatorForPreference`, the collator DPOTrainer uses for text data."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    return DataCollatorForPreference
+
+
+@contextlib.contextmanager
+def contract(key: str) -> Iterator[Assumption]:
+    """Re-raise any failure inside the block as an `AssertionError` carrying assumption `key`'s broken() message."""
+    assumption = ASSUMPTIONS[key]
+    try:
+        yield assumption
+    except Exception as error:  # noqa: BLE001 - a missing name, a wrong value or a crash all break the contract
+        raise AssertionError(assumption.broken(f"{type(error).__name__}: {error}")) from error

@@ -1,0 +1,388 @@
+r"""The audit's own numbers, beyond the trainers' reference report: pure functions of per-pair reference log-probs.
+
+- both log-prob spaces side by side (summed and per-token averaged), with the sign-agreement cross-tab: a pair can be
+  misaligned in one space and not in the other, because ``delta_ref`` per token is ``c / n_w - r / n_l`` while the
+  summed one is ``c - r``;
+- the misaligned fraction per completion-length bucket;
+- how often the reference is *confident* on the pairs it gets "wrong" (where a flipped label is the other
+  explanation);
+- what CPO and E-CPOC do to the misaligned pairs at given settings (the share they lift to a target ``>= 0``);
+- the verdict: :func:`recommend`.
+
+The thresholds below are rules of thumb chosen for this tool, not values from the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from trl_cpo.losses import cpo_margin, ecpoc_target
+from trl_cpo.report import QUANTILES, wilson_interval
+
+#: Verdict "DPO is fine" when the upper end of the 95% Wilson interval of the misaligned fraction is at most this:
+#: then DPO's assumption holds on at least 95% of pairs, with 95% confidence (a small sample with no misaligned pair
+#: does not qualify by luck).
+DPO_FINE_MAX_MISALIGNED = 0.05
+#: Share of margins at `cpo_max_margin` above which CPO is "DPO plus a constant" on most pairs (`cpo_gamma` no longer
+#: matters there), so a cpo_gamma that needs it is not recommended.
+MAX_AT_CAP_FRACTION = 0.5
+#: A misaligned pair is one where the reference is *confident* if its |delta_ref| (in the loss's space) is at or
+#: above this quantile of |delta_ref| over all pairs: the reference is as sure as on its surest quarter of pairs.
+CONFIDENT_QUANTILE = 0.75
+#: If confidence and misalignment were unrelated, about 1 - CONFIDENT_QUANTILE (25%) of misaligned pairs would be
+#: confident. The caveat asks to read those pairs first when even the low end of the 95% Wilson interval of that share
+#: is above 25%: the reference is confident on its "errors" more often than chance, which is how flipped labels look.
+#: Number of completion-length buckets (quantile buckets of the pair's mean completion length).
+LENGTH_BUCKETS = 4
+#: Sign labels of the cross-tab.
+SIGNS = ("negative", "zero", "positive")
+#: Verdict branches, in the order `recommend` tries them.
+BRANCHES = ("dpo_fine", "cpo_as_configured", "cpo_recommended_gamma", "use_ecpoc")
+
+
+def _share(mask: torch.Tensor) -> float:
+    return int(mask.sum()) / mask.numel() if mask.numel() else 0.0
+
+
+def space_summary(delta_ref: torch.Tensor) -> dict[str, object]:
+    """Misaligned fraction (``delta_ref < 0``) with its 95% Wilson interval, tie share and quantiles of one space."""
+    n = delta_ref.numel()
+    misaligned = int((delta_ref < 0).sum())
+    low, high = wilson_interval(misaligned, n)
+    quantiles = torch.quantile(delta_ref.double(), torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    return {
+        "misaligned_fraction": misaligned / n,
+        "misaligned_fraction_ci_low": low,
+        "misaligned_fraction_ci_high": high,
+        "num_misaligned": misaligned,
+        "tie_fraction": _share(delta_ref == 0),
+        "delta_ref_quantiles": {f"p{round(q * 100)}": float(v) for q, v in zip(QUANTILES, quantiles)},
+    }
+
+
+def _sign(values: torch.Tensor) -> torch.Tensor:
+    return torch.sign(values).long() + 1  # 0 negative, 1 zero, 2 positive: indexes SIGNS
+
+
+def sign_crosstab(delta_summed: torch.Tensor, delta_per_token: torch.Tensor) -> dict[str, dict[str, int]]:
+    """Pair counts by the sign of ``delta_ref`` in each space: ``{"summed_<sign>": {"per_token_<sign>": count}}``."""
+    rows, columns = _sign(delta_summed), _sign(delta_per_token)
+    return {
+        f"summed_{row_sign}": {
+            f"per_token_{column_sign}": int(((rows == i) & (columns == j)).sum())
+            for j, column_sign in enumerate(SIGNS)
+        }
+        for i, row_sign in enumerate(SIGNS)
+    }
+
+
+def sign_disagreement(delta_summed: torch.Tensor, delta_per_token: torch.Tensor) -> dict[str, float]:
+    """Shares of pairs whose sign differs between the spaces (a tie on one side counts as different), and of pairs
+    misaligned in exactly one space."""
+    return {
+        "sign_differs_fraction": _share(_sign(delta_summed) != _sign(delta_per_token)),
+        "misaligned_in_one_space_fraction": _share((delta_summed < 0) ^ (delta_per_token < 0)),
+    }
+
+
+def length_buckets(
+    delta_summed: torch.Tensor,
+    delta_per_token: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    num_buckets: int = LENGTH_BUCKETS,
+) -> list[dict[str, object]]:
+    """Misaligned fraction (both spaces, with Wilson intervals) per bucket of the pair's mean completion length.
+
+    Buckets are quantile buckets (about ``n / num_buckets`` pairs each; fewer buckets when lengths tie), closed on the
+    right: ``[min, e1], (e1, e2], ...``. Lengths are completion token counts as TRL counts them (eos included).
+    """
+    length = (chosen_lengths.double() + rejected_lengths.double()) / 2
+    probs = torch.linspace(0, 1, num_buckets + 1, dtype=torch.float64)
+    # 'lower': every edge is a length some pair has, so buckets read as token counts.
+    edges = sorted(set(torch.quantile(length, probs, interpolation="lower").tolist()))
+    if len(edges) == 1:
+        edges = edges * 2
+    buckets = []
+    for index, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
+        inside = (length <= high) & ((length >= low) if index == 0 else (length > low))
+        n = int(inside.sum())
+        if n == 0:
+            continue
+        bucket: dict[str, object] = {"min_tokens": low, "max_tokens": high, "num_pairs": n}
+        for space, delta in (("summed", delta_summed), ("per_token", delta_per_token)):
+            k = int((delta[inside] < 0).sum())
+            ci_low, ci_high = wilson_interval(k, n)
+            bucket[f"misaligned_fraction_{space}"] = k / n
+            bucket[f"misaligned_fraction_{space}_ci_low"] = ci_low
+            bucket[f"misaligned_fraction_{space}_ci_high"] = ci_high
+        buckets.append(bucket)
+    return buckets
+
+
+def confident_misaligned(delta_ref: torch.Tensor, quantile: float = CONFIDENT_QUANTILE) -> tuple[dict, torch.Tensor]:
+    """How many misaligned pairs the reference is confident about (``|delta_ref|`` at or above the `quantile` of
+    all pairs' ``|delta_ref|``).
+
+    Returns the summary and the per-pair mask (misaligned and confident).
+    """
+    threshold = float(torch.quantile(delta_ref.abs().double(), quantile))
+    misaligned = delta_ref < 0
+    mask = misaligned & (delta_ref.abs().double() >= threshold)
+    n_misaligned = int(misaligned.sum())
+    return {
+        "quantile": quantile,
+        "threshold": threshold,
+        "num_misaligned_confident": int(mask.sum()),
+        "misaligned_confident_fraction": int(mask.sum()) / n_misaligned if n_misaligned else 0.0,
+        "misaligned_confident_fraction_ci_low": wilson_interval(int(mask.sum()), n_misaligned)[0],
+        # Under no link between confidence and misalignment, this share is about 1 - quantile.
+        "expected_if_unrelated": 1 - quantile,
+    }, mask
+
+
+def cpo_lift(
+    delta_ref: torch.Tensor,
+    chosen_per_token: torch.Tensor,
+    rejected_per_token: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    margin_type: str,
+    max_margin: float,
+) -> dict[str, float]:
+    """What CPO at `gamma` does: share of misaligned pairs lifted (``delta_ref + m / beta >= 0``), share of margins at
+    the cap. `delta_ref` in the loss's space, the margin from per-token log-probs (as the trainers compute it)."""
+    margin = cpo_margin(
+        chosen_per_token, rejected_per_token, gamma=gamma, margin_type=margin_type, max_margin=max_margin
+    )
+    misaligned = delta_ref < 0
+    lifted = (delta_ref + margin / beta)[misaligned] >= 0
+    at_cap = margin.abs() >= max_margin * (1 - 1e-6)
+    return {
+        "cpo_gamma": float(gamma),
+        "lifted_fraction": _share(lifted) if int(misaligned.sum()) else 1.0,
+        "margin_at_cap_fraction": _share(at_cap) if gamma > 0 else 0.0,
+    }
+
+
+def ecpoc_lift(delta_ref: torch.Tensor, *, gamma: float, tau: float, alpha: float) -> dict[str, float]:
+    """Share of misaligned pairs whose E-CPOC target is ``>= 0`` (with ``alpha = 1`` every one: the target is at least
+    ``max(delta_ref, gamma)``), and the share of pairs where the floor binds (``delta_ref < gamma``)."""
+    misaligned = delta_ref < 0
+    target = ecpoc_target(delta_ref, torch.zeros_like(delta_ref), gamma=gamma, tau=tau, alpha=alpha)
+    return {
+        "ecpoc_gamma": float(gamma),
+        "lifted_fraction": _share(target[misaligned] >= 0) if int(misaligned.sum()) else 1.0,
+        "floor_binding_fraction": _share(delta_ref < gamma),
+    }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the numbers say to do. `branch` is one of `BRANCHES`."""
+
+    branch: str
+    text: str
+    #: The mislabelled-pair caveat (empty when no pair is misaligned).
+    caveat: str
+
+
+def recommend(
+    *,
+    num_pairs: int,
+    num_misaligned: int,
+    misaligned_fraction: float,
+    misaligned_fraction_ci_high: float,
+    cpo: dict[str, float],
+    cpo_at_recommended: dict[str, float] | None,
+    recommended_cpo_gamma: float | None,
+    recommended_reason: str,
+    lift_share: float,
+    ecpoc: dict[str, float],
+    confident: dict[str, float],
+    method: str,
+    cpo_gamma_is_configured: bool,
+) -> Verdict:
+    r"""The verdict, from the numbers, in this order:
+
+    1. ``dpo_fine``: the 95% upper bound of the misaligned fraction is at most `DPO_FINE_MAX_MISALIGNED` (5%).
+    2. ``cpo_as_configured``: CPO at the cpo_gamma in effect (the config's for CPO, else CPOConfig's default) lifts at
+       least `lift_share` of the misaligned pairs with at most `MAX_AT_CAP_FRACTION` of margins at the cap.
+    3. ``cpo_recommended_gamma``: `recommend_cpo_gamma` found a cpo_gamma lifting `lift_share`, and at that gamma at
+       most `MAX_AT_CAP_FRACTION` of margins sit at the cap.
+    4. ``use_ecpoc``: otherwise (the cap leaves too few pairs reachable, `inverse_logp` margins lower the target, or
+       the gamma that lifts enough puts most margins at the cap): E-CPOC's floor lifts the targets whatever the
+       reference's confidence.
+
+    The caveat (whenever a pair is misaligned): ``delta_ref < 0`` can also mean a mislabelled pair, most of all where
+    the reference is confident (see `confident_misaligned`).
+    """
+    pct = f"{misaligned_fraction:.1%}"
+    where = f"the {num_misaligned} misaligned pairs" if num_misaligned != 1 else "the 1 misaligned pair"
+    gamma_source = "the configured" if cpo_gamma_is_configured else "CPOConfig's default"
+    lift, cap = cpo["lifted_fraction"], cpo["margin_at_cap_fraction"]
+    if misaligned_fraction_ci_high <= DPO_FINE_MAX_MISALIGNED:
+        branch = "dpo_fine"
+        text = (
+            f"DPO is fine: the reference prefers the rejected response on {pct} of the {num_pairs} pairs (95% CI up to "
+            f"{misaligned_fraction_ci_high:.1%}, at most {DPO_FINE_MAX_MISALIGNED:.0%}), so DPO's assumption holds on "
+            "nearly all of this data; CPO or E-CPOC would change little."
+        )
+    elif lift >= lift_share and cap <= MAX_AT_CAP_FRACTION:
+        branch = "cpo_as_configured"
+        text = (
+            f"CPO at {gamma_source} cpo_gamma={cpo['cpo_gamma']:.4g} lifts {lift:.0%} of {where} ({pct} of pairs) to "
+            f"a target >= 0, with {cap:.0%} of margins at cpo_max_margin: "
+            + ("train CPO as configured." if method == "cpo" else "CPOTrainer at that setting does the job.")
+        )
+    elif (
+        recommended_cpo_gamma is not None
+        and cpo_at_recommended is not None
+        and cpo_at_recommended["margin_at_cap_fraction"] <= MAX_AT_CAP_FRACTION
+    ):
+        branch = "cpo_recommended_gamma"
+        text = (
+            f"CPO at {gamma_source} cpo_gamma={cpo['cpo_gamma']:.4g} lifts only {lift:.0%} of {where} ({pct} of "
+            f"pairs); cpo_gamma={recommended_cpo_gamma:.4g} lifts {lift_share:.0%} of them, with "
+            f"{cpo_at_recommended['margin_at_cap_fraction']:.0%} of margins at cpo_max_margin: set "
+            f"cpo_gamma={recommended_cpo_gamma:.4g} (or cpo_auto_gamma={lift_share:g})."
+        )
+    else:
+        branch = "use_ecpoc"
+        if recommended_cpo_gamma is None:
+            why = recommended_reason
+        else:
+            why = (
+                f"cpo_gamma={recommended_cpo_gamma:.4g} would lift {lift_share:.0%} of {where}, but "
+                f"{cpo_at_recommended['margin_at_cap_fraction']:.0%} of margins would then sit at cpo_max_margin, "
+                "where CPO is DPO plus a constant."
+            )
+        text = (
+            f"Use E-CPOC: CPO at {gamma_source} cpo_gamma={cpo['cpo_gamma']:.4g} lifts {lift:.0%} of {where} "
+            f"({pct} of pairs), and no cpo_gamma does the job: {why.rstrip('.')}. E-CPOC floors the target at "
+            f"ecpoc_gamma (for ecpoc_alpha <= 1), whatever the reference's confidence: at ecpoc_gamma={ecpoc['ecpoc_gamma']:g} it lifts {ecpoc['lifted_fraction']:.0%} of "
+            f"them (ECPOCTrainer{', as configured' if method == 'ecpoc' else ''})."
+        )
+    caveat = ""
+    if num_misaligned:
+        share = confident["misaligned_confident_fraction"]
+        caveat = (
+            "delta_ref < 0 can also mean a mislabelled pair (the reference right, the label wrong); lifting such a "
+            f"pair trains toward the worse response. The reference is confident (|delta_ref| >= "
+            f"{confident['threshold']:.3g}, the {confident['quantile']:.0%} quantile over all pairs) on {share:.0%} of "
+            f"{where}"
+        )
+        if confident["misaligned_confident_fraction_ci_low"] > confident["expected_if_unrelated"]:
+            caveat += (
+                f", more than the {confident['expected_if_unrelated']:.0%} expected if confidence and misalignment "
+                "were unrelated (even at the low end of its 95% CI): read those pairs (confident_misaligned in "
+                "pairs.jsonl) before trusting their labels."
+            )
+        else:
+            caveat += "; where it is, read those pairs (confident_misaligned in pairs.jsonl) before lifting them."
+    return Verdict(branch, text, caveat)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON-safe number: None for None, NaN or infinities."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def cpo_settings(config) -> dict[str, object]:
+    """CPO fields of `config`, CPOConfig's defaults where it has none (an ECPOCConfig), as `reference_report` reads."""
+    from trl_cpo.cpo_config import CPOConfig
+
+    return {
+        name: getattr(config, name, getattr(CPOConfig, name))
+        for name in ("cpo_gamma", "cpo_margin_type", "cpo_max_margin")
+    }
+
+
+def ecpoc_settings(config) -> dict[str, object]:
+    """E-CPOC fields of `config`, ECPOCConfig's defaults where it has none."""
+    from trl_cpo.ecpoc_config import ECPOCConfig
+
+    return {
+        name: getattr(config, name, getattr(ECPOCConfig, name)) for name in ("ecpoc_gamma", "ecpoc_tau", "ecpoc_alpha")
+    }
+
+
+def analyze(reference, config, method: str, report) -> dict[str, object]:
+    """Every audit number for `reference` (a `ReferenceLogps`) under the training `config` of `method`, given the
+    trainers' `report` on the same inputs. Per-pair arrays are under "per_pair"."""
+    from trl_cpo.logps import is_length_normalized
+
+    length_normalized = is_length_normalized(config.loss_type)
+    summed = reference.delta_ref(False)
+    per_token = reference.delta_ref(True)
+    delta = per_token if length_normalized else summed
+    chosen_tok, rejected_tok = reference.per_token()
+    confident, confident_mask = confident_misaligned(delta)
+    cpo_fields = cpo_settings(config)
+    lift_kwargs = dict(
+        beta=config.beta, margin_type=cpo_fields["cpo_margin_type"], max_margin=cpo_fields["cpo_max_margin"]
+    )
+    cpo = cpo_lift(delta, chosen_tok, rejected_tok, gamma=cpo_fields["cpo_gamma"], **lift_kwargs)
+    recommended = report.recommended_cpo_gamma
+    cpo_at_recommended = (
+        cpo_lift(delta, chosen_tok, rejected_tok, gamma=recommended, **lift_kwargs)
+        if recommended is not None
+        else None
+    )
+    ecpoc_fields = ecpoc_settings(config)
+    ecpoc = ecpoc_lift(
+        delta, gamma=ecpoc_fields["ecpoc_gamma"], tau=ecpoc_fields["ecpoc_tau"], alpha=ecpoc_fields["ecpoc_alpha"]
+    )
+    n_misaligned = int((delta < 0).sum())
+    verdict = recommend(
+        num_pairs=delta.numel(),
+        num_misaligned=n_misaligned,
+        misaligned_fraction=report.misaligned_fraction,
+        misaligned_fraction_ci_high=report.misaligned_fraction_ci_high,
+        cpo=cpo,
+        cpo_at_recommended=cpo_at_recommended,
+        recommended_cpo_gamma=recommended,
+        recommended_reason=report.recommendation,
+        lift_share=report.lift_share,
+        ecpoc=ecpoc,
+        confident=confident,
+        method=method,
+        cpo_gamma_is_configured=method in ("cpo", "dpo"),
+    )
+    margin = cpo_margin(
+        chosen_tok,
+        rejected_tok,
+        gamma=cpo_fields["cpo_gamma"],
+        margin_type=cpo_fields["cpo_margin_type"],
+        max_margin=cpo_fields["cpo_max_margin"],
+    )
+    return {
+        "loss_space": "per_token" if length_normalized else "summed",
+        "spaces": {"summed": space_summary(summed), "per_token": space_summary(per_token)},
+        "sign_crosstab": sign_crosstab(summed, per_token),
+        **sign_disagreement(summed, per_token),
+        "length_buckets": length_buckets(summed, per_token, reference.chosen_lengths, reference.rejected_lengths),
+        "confident": confident,
+        "cpo": {**cpo_fields, **cpo},
+        "cpo_at_recommended_gamma": cpo_at_recommended,
+        "ecpoc": {**ecpoc_fields, **ecpoc},
+        "verdict": verdict,
+        "per_pair": {
+            "delta_ref_summed": summed,
+            "delta_ref_per_token": per_token,
+            "misaligned": delta < 0,
+            "confident_misaligned": confident_mask,
+            "cpo_target": delta + margin / config.beta,
+            "ecpoc_target": ecpoc_target(
+                delta,
+                torch.zeros_like(delta),
+                gamma=ecpoc_fields["ecpoc_gamma"],
+                tau=ecpoc_fields["ecpoc_tau"],
+                alpha=ecpoc_fields["ecpoc_alpha"],
+            ),
+        },
+    }

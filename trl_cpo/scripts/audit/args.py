@@ -1,0 +1,263 @@
+"""Arguments of `trl-cpo audit`: parsed with `TrlParser` and checked before any data or model loads.
+
+The audit reads the training run's own arguments: the train script's dataclasses (`trl_cpo.scripts.train`, so
+`trl-cpo audit --config <the training YAML>` takes the training run's model, tokenizer, `max_length`, method and
+method settings, and builds the training config with the train script's `to_trainer_config`) plus `AuditArguments`. `output_dir` is where the audit writes; taken from the training YAML it is the
+training run's folder, so the audit's files sit next to the run they describe.
+
+Every user error raises `AuditError` with one line naming the flag and the fix; `trl-cpo audit` prints it and exits
+with status 2 (`USER_ERROR`), without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, TrlParser
+
+from trl_cpo.methods import Method
+from trl_cpo.reference_file import DEFAULT_FILE_NAME
+from trl_cpo.scripts.train import METHODS as AUDIT_METHODS
+from trl_cpo.scripts.train import TRAINERS, CPORecipeConfig, CPOScriptArguments, to_trainer_config
+
+#: Exit status of a run stopped by a user error (argparse's for bad arguments).
+USER_ERROR = 2
+#: Files the audit writes into `--output_dir` (the reference log-probs go to `reference_logps_file` if it is set).
+REPORT_FILE, PAIRS_FILE, PLOT_FILE = "audit.json", "pairs.jsonl", "delta_ref.png"
+DEFAULT_OUTPUT_DIR = "trl-cpo-audit"
+
+
+class AuditError(Exception):
+    """A problem with the user's input: reported as one line, without a traceback."""
+
+
+@dataclass
+class AuditArguments:
+    """The audit's own arguments (the rest are the training run's)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace an earlier audit in --output_dir (its audit.json and reference log-probs file)."},
+    )
+    max_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Audit only the first N pairs of the train split. The reference log-probs file then covers those "
+            "N pairs only, so a training run on the full split will not take it."
+        },
+    )
+
+
+@dataclass
+class AuditTrainingConfig(CPORecipeConfig):
+    """The train script's training arguments, with `output_dir` and `reference_logps_file` described as the audit
+    uses them."""
+
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Folder for the audit's files ({REPORT_FILE}, {PAIRS_FILE}, {PLOT_FILE}, {DEFAULT_FILE_NAME}); "
+            f"created if missing. Default: the training config's output_dir, else ./{DEFAULT_OUTPUT_DIR}."
+        },
+    )
+    reference_logps_file: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Where the audit writes the train set's reference log-probs (default: --output_dir/"
+            f"{DEFAULT_FILE_NAME}). Set in the training YAML, the same path is what training reads, so the reference "
+            "runs once."
+        },
+    )
+
+
+def method_entry(name: str) -> Method:
+    """The method table entry of `--method`'s trainer (the DPO baseline's is CPO's under its own name)."""
+    return TRAINERS[name].method
+
+
+def trainer_config(raw: CPORecipeConfig, method: str, work_dir: str) -> DPOConfig:
+    """The config training uses for `method` (the train script's `to_trainer_config`), with what only a training run
+    needs switched off: no saving, logging, evaluation or push; `output_dir` a scratch folder; no reference file (the
+    audit writes it)."""
+    audit_only = dataclasses.replace(
+        raw,
+        output_dir=work_dir,
+        report_to="none",
+        eval_strategy="no",
+        save_strategy="no",
+        push_to_hub=False,
+        load_best_model_at_end=False,
+        metric_for_best_model=None,
+        reference_logps_file=None,
+    )
+    return to_trainer_config(audit_only, method)
+
+
+class _AuditParser(TrlParser):
+    def error(self, message: str):  # argparse's usage + exit(2), as one line naming the flag instead
+        raise AuditError(f"{message} (see trl-cpo audit --help)")
+
+
+def make_parser() -> TrlParser:
+    return _AuditParser(
+        (AuditArguments, CPOScriptArguments, AuditTrainingConfig, ModelConfig, DatasetMixtureConfig),
+        prog="trl-cpo audit",
+        description="Score every training pair with the reference before training, as the training run will (same "
+        "model, tokenizer, truncation and method settings: pass the training YAML with --config), and report how "
+        "often the reference prefers the rejected response, in both log-prob spaces, what the method's settings do "
+        f"to those pairs, and what to do. Writes {REPORT_FILE}, {PAIRS_FILE}, {PLOT_FILE} and the reference "
+        "log-probs (reused by training through reference_logps_file).",
+    )
+
+
+@dataclass
+class AuditSettings:
+    """Everything the audit needs, checked."""
+
+    audit: AuditArguments
+    script: CPOScriptArguments
+    model: ModelConfig
+    datasets: DatasetMixtureConfig
+    #: The training config of `--method` (CPOConfig or ECPOCConfig), with the audit's overrides.
+    trainer_config: DPOConfig
+    method: Method
+    output_dir: str
+    reference_file: str
+    #: One-line notes for the user (ignored keys and fields).
+    notes: list[str]
+
+    @property
+    def report_path(self) -> str:
+        return os.path.join(self.output_dir, REPORT_FILE)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _flag_error(error: Exception) -> AuditError:
+    """A config's ValueError ("cpo_gamma=-1 is invalid: ...") as an AuditError that starts with the flag."""
+    message = _one_line(str(error))
+    match = re.match(r"[`']?(\w+)[`']?\s*=", message)
+    return AuditError(f"--{match.group(1)}: {message}" if match else message)
+
+
+def _parse(argv: list[str] | None):
+    argv = list(argv) if argv is not None else None
+    if argv is not None and "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise AuditError("--config needs a path: --config <the training YAML>.")
+        path = argv[index + 1]
+        if not os.path.isfile(path):
+            raise AuditError(f"--config {path}: no such file. Pass the training run's YAML file.")
+    try:
+        return make_parser().parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except AuditError:
+        raise
+    except ImportError:
+        raise
+    except Exception as error:  # noqa: BLE001 - YAML and dataclass errors on user input
+        if type(error).__module__.startswith("yaml"):
+            raise AuditError(f"--config: not a valid YAML file ({_one_line(str(error))[:200]}).") from None
+        if str(error).startswith("Config file"):
+            raise AuditError(f"--config: {_one_line(str(error))} Write one field: value line per setting.") from None
+        if isinstance(error, (ValueError, TypeError)):
+            raise _flag_error(error) from None
+        raise
+
+
+def _check_model(path: str | None) -> None:
+    if not path:
+        raise AuditError(
+            "--model_name_or_path is required: the reference model (a local folder or a Hub id), on the command line "
+            "or as model_name_or_path: in the --config YAML."
+        )
+    if os.path.exists(path):
+        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+            raise AuditError(
+                f"--model_name_or_path {path}: not a model folder (no config.json). Pass a folder saved with "
+                "model.save_pretrained(...) and tokenizer.save_pretrained(...), or a Hub id."
+            )
+
+
+def _probe_writable(folder: str, flag: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".trl-cpo-audit-probe-"):
+            pass
+    except OSError as error:
+        raise AuditError(
+            f"{flag} {folder}: cannot write there ({error.strerror or error}). Choose a folder you can write to."
+        ) from None
+
+
+def check_output(output_dir: str, reference_file: str, overwrite: bool) -> None:
+    """Refuse an output folder that is a file, not writable, or holds an earlier audit (unless `overwrite`)."""
+    for path, flag in ((output_dir, "--output_dir"), (os.path.dirname(os.path.abspath(reference_file)), None)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            flag = flag or "--reference_logps_file"
+            raise AuditError(f"{flag} {path} is a file, not a folder: pass a folder path (created if missing).")
+    if os.path.isdir(reference_file):
+        raise AuditError(
+            f"--reference_logps_file {reference_file} is a folder: give a file path, e.g. "
+            f"{os.path.join(reference_file, DEFAULT_FILE_NAME)}."
+        )
+    earlier = [p for p in (os.path.join(output_dir, REPORT_FILE), reference_file) if os.path.exists(p)]
+    if earlier and not overwrite:
+        raise AuditError(
+            f"--output_dir {output_dir} already holds an audit ({', '.join(earlier)}): pass --overwrite_output_dir "
+            "true to replace it, or choose another --output_dir."
+        )
+    _probe_writable(output_dir, "--output_dir")
+    _probe_writable(os.path.dirname(os.path.abspath(reference_file)), "--reference_logps_file")
+
+
+def parse(argv: list[str] | None, work_dir: str) -> AuditSettings:
+    """Parse and check the arguments; `AuditError` on the first problem. Loads no data and no model."""
+    audit, script, raw, model, datasets, config_leftover, cli_leftover = _parse(argv)
+    notes = []
+    if cli_leftover:
+        raise AuditError(f"unrecognized arguments: {' '.join(cli_leftover)} (see trl-cpo audit --help).")
+    if config_leftover:
+        keys = [item[2:] for item in config_leftover[::2]]
+        notes.append(f"--config: ignoring keys the audit does not read: {', '.join(keys)}.")
+    if script.method not in AUDIT_METHODS:
+        raise AuditError(f"--method {script.method!r} is unknown: use one of {list(AUDIT_METHODS)}.")
+    _check_model(model.model_name_or_path)
+    if not script.dataset_name and not datasets.datasets:
+        raise AuditError(
+            "--dataset_name is required: the training data (a local .json/.jsonl/.parquet/.csv file, a save_to_disk "
+            "folder or a Hub name), or a datasets: mixture in the --config YAML."
+        )
+    if script.dataset_streaming or datasets.streaming:
+        raise AuditError(
+            "--dataset_streaming: the audit scores every pair and needs a map-style dataset (as training does); drop "
+            "dataset_streaming / streaming."
+        )
+    if audit.max_samples is not None and (not isinstance(audit.max_samples, int) or audit.max_samples <= 0):
+        raise AuditError(f"--max_samples {audit.max_samples}: must be a positive integer, or unset for every pair.")
+    try:
+        config = trainer_config(raw, script.method, work_dir)
+    except (ValueError, TypeError) as error:
+        raise _flag_error(error) from None
+    output_dir = raw.output_dir or DEFAULT_OUTPUT_DIR
+    reference_file = raw.reference_logps_file or os.path.join(output_dir, DEFAULT_FILE_NAME)
+    check_output(output_dir, reference_file, audit.overwrite_output_dir)
+    return AuditSettings(
+        audit=audit,
+        script=script,
+        model=model,
+        datasets=datasets,
+        trainer_config=config,
+        method=method_entry(script.method),
+        output_dir=output_dir,
+        reference_file=reference_file,
+        notes=notes,
+    )
