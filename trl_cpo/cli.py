@@ -28,7 +28,7 @@ COMMANDS = {
     ),
     "demo": (
         "trl_cpo.scripts.demo",
-        "Train DPO, CPO and E-CPOC from a corrupted reference on CPU; see which end in U.",
+        "DPO vs CPO vs E-CPOC from a corrupted reference, on CPU, over seeds: which end in U.",
     ),
 }
 

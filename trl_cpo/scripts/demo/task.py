@@ -12,9 +12,10 @@ The task is built so that a 2-layer model learns it in seconds and the quantitie
   is swapped for its counterpart in the other pool with probability `ref_noise`, so the reference is confident but
   not certain: its per-word log-odds are about ``log(ref_noise / (1 - ref_noise))`` (-2.2 for 0.1).
 
-With noisy labels DPO has a finite optimum, ``delta_pi = delta_ref + logit(1 - label_noise) / beta`` on
-length-normalized log-probs, anchored at the reference: on corrupted topics it stays below 0, inside the undesirable
-space U. That is the paper's failure mode in a form a laptop can train.
+With noisy labels each loss has a finite optimum (`trl_cpo.scripts.demo.optimum`); DPO's,
+``delta_pi = delta_ref + logit(1 - label_noise) / beta`` on length-normalized log-probs, is anchored at the reference:
+on corrupted topics it stays below 0, inside the undesirable space U. That is the paper's failure mode in a form a
+laptop can train.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ FILLER_WORDS = "please tell me about the thing you know now what how why".split(
 class TaskConfig:
     """Shape of the synthetic task (see the module docstring)."""
 
-    num_topics: int = 10
+    num_topics: int = 20
     pool_size: int = 3
     min_words: int = 3
     max_words: int = 5
