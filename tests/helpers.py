@@ -137,3 +137,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def first_step_accuracy_is_roundoff(step: int, key: str, *logs: dict) -> bool:
+    """True (after checking the rewards are ~0) for `rewards/accuracies` at the first logged training step.
+
+    Before the first update the policy is the reference, so both rewards are 0 up to float round-off, and
+    `chosen > rejected` compares round-off: the reference log-probs come from differently padded batches (the
+    trainers' precompute batches pairs by length) than the policy's. Comparisons skip that one value.
+    """
+    if step != 0 or key != "rewards/accuracies":
+        return False
+    assert all(abs(log[k]) < 1e-5 for log in logs for k in ("rewards/chosen", "rewards/rejected")), logs
+    return True

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from helpers import cpu_args, make_pairs, sequence_logps, train_logs
+from helpers import cpu_args, first_step_accuracy_is_roundoff, make_pairs, sequence_logps, train_logs
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
@@ -49,8 +49,10 @@ def test_gamma_zero_reproduces_dpo_trajectory(tokenizer, tmp_path, loss_type, nu
     )
     dpo_logs, cpo_logs = train_logs(dpo), train_logs(cpo)
     assert len(dpo_logs) == len(cpo_logs) == 4
-    for dpo_log, cpo_log in zip(dpo_logs, cpo_logs):
+    for step, (dpo_log, cpo_log) in enumerate(zip(dpo_logs, cpo_logs)):
         for key in [*TRAJECTORY_KEYS, "rewards/accuracies"]:
+            if first_step_accuracy_is_roundoff(step, key, dpo_log, cpo_log):
+                continue
             assert cpo_log[key] == pytest.approx(dpo_log[key], rel=1e-5, abs=1e-6), key
     # the loss really moved, so the comparison covers training, not just the initial point
     assert cpo_logs[0]["loss"] != pytest.approx(cpo_logs[-1]["loss"], rel=1e-3)
