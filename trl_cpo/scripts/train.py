@@ -386,16 +386,9 @@ def card_dataset_names(script_args: CPOScriptArguments, dataset_args: DatasetMix
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def train(script_args, training_args, model_args, dataset_args):
-    """Train as the arguments say, then save (or push, or dry-run the push); returns the trainer.
-
-    The body of TRL's `trl/scripts/dpo.py`'s `main`, with the method's trainer, the reference report and a model card
-    ready for the Hub.
-    """
-    from trl import get_peft_config, get_quantization_config
-
-    # Model loading as in TRL's scripts: the trainer loads `model_name_or_path` with these kwargs (plus the
-    # quantization config, and device_map=None under multi-GPU / DeepSpeed).
+def set_model_init_kwargs(training_args, model_args) -> None:
+    """Model loading as in TRL's scripts: the trainer loads `model_name_or_path` with these kwargs (plus the
+    quantization config, and device_map=None under multi-GPU / DeepSpeed); the config's own ones win."""
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -405,6 +398,17 @@ def train(script_args, training_args, model_args, dataset_args):
     if training_args.model_init_kwargs is not None:
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = model_init_kwargs
+
+
+def train(script_args, training_args, model_args, dataset_args):
+    """Train as the arguments say, then save (or push, or dry-run the push); returns the trainer.
+
+    The body of TRL's `trl/scripts/dpo.py`'s `main`, with the method's trainer, the reference report and a model card
+    ready for the Hub.
+    """
+    from trl import get_peft_config, get_quantization_config
+
+    set_model_init_kwargs(training_args, model_args)
 
     hub_dry_run = script_args.hub_dry_run and training_args.push_to_hub
     if hub_dry_run:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from trl_cpo import _trl_compat
 from trl_cpo.reference import ReferenceLogps
 from trl_cpo.reference_file import ReferenceFingerprint, reference_fingerprint
-from trl_cpo.scripts.train import TRAINERS
+from trl_cpo.scripts.train import TRAINERS, set_model_init_kwargs
 
 from .args import AuditError, AuditSettings
 from .data import _first_line
@@ -46,15 +46,7 @@ def build_trainer(settings: AuditSettings, dataset):
     from trl import get_peft_config, get_quantization_config
 
     config, model_args = settings.trainer_config, settings.model
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=config.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    if config.model_init_kwargs is not None:
-        model_init_kwargs.update(config.model_init_kwargs)
-    config.model_init_kwargs = model_init_kwargs
+    set_model_init_kwargs(config, model_args)  # as training loads the model
     return TRAINERS[settings.script.method](
         model=model_args.model_name_or_path,
         args=config,
