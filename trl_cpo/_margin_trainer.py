@@ -270,17 +270,18 @@ class _ReferenceMarginTrainer(DPOTrainer):
         # scratch: its old columns must not reach the reference forward.
         stale = [c for c in (*REFERENCE_COLUMNS, MARGIN_COLUMN) if c in dataset.column_names]
         dataset = dataset.remove_columns(stale) if stale else dataset
+        row_digests = pair_digests(dataset)  # binds checkpoints (and the audit's file) to these exact pairs
         reference = None
         if is_train and getattr(self.args, "reference_logps_file", None):
             # One reference pass: the audit's file, if it was computed on these inputs (else a ValueError saying why).
             reference = load_matching_reference_logps(
-                self.args.reference_logps_file, reference_fingerprint(self, dataset)
+                self.args.reference_logps_file, reference_fingerprint(self, dataset, row_digests)
             )
         if reference is None:
             reference = compute_reference_logps(
                 self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
             )
-        reference.row_digests = pair_digests(dataset)
+        reference.row_digests = row_digests
         if is_train:
             self.train_reference_logps = reference
             self._choose_method_settings(reference)

@@ -86,25 +86,20 @@ def _reference_model(trainer):
 
 
 def _longest_first(dataset: Dataset) -> list[int] | None:
-    """Dataset indices ordered by padded pair length, `len(prompt) + max(len(chosen), len(rejected))`, longest first.
+    """Dataset indices ordered by padded pair length (`trl_cpo.data.pair_lengths`), longest first.
 
     The collator pads a batch to its longest sequence, so batching pairs of similar length saves the padding; longest
-    first puts the memory peak on the first batch, where an out-of-memory error costs nothing. Lengths are read from
-    the Arrow columns without materialising the token lists. None when the dataset is not tokenized into
-    `prompt_ids` / `chosen_ids` / `rejected_ids` (the caller then keeps dataset order).
+    first puts the memory peak on the first batch, where an out-of-memory error costs nothing. None when the dataset
+    is not tokenized into `prompt_ids` / `chosen_ids` / `rejected_ids` (the caller then keeps dataset order).
     """
     import numpy as np
-    import pyarrow.compute as pc
 
-    columns = list(_trl_compat.TOKENIZED_COLUMNS)  # prompt_ids, chosen_ids, rejected_ids
-    if len(dataset) == 0 or not set(columns) <= set(dataset.column_names):
+    from .data import pair_lengths
+
+    if len(dataset) == 0 or not set(_trl_compat.TOKENIZED_COLUMNS) <= set(dataset.column_names):
         return None
-    lengths = []
-    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=65536):
-        prompt, chosen, rejected = (pc.list_value_length(table[name]) for name in columns)
-        lengths.append(pc.add(prompt, pc.max_element_wise(chosen, rejected)).to_numpy(zero_copy_only=False))
     # Stable sort of the negated lengths: longest first, ties kept in dataset order.
-    return np.argsort(-np.concatenate(lengths), kind="stable").tolist()
+    return np.argsort(-pair_lengths(dataset), kind="stable").tolist()
 
 
 def compute_reference_logps(

@@ -50,8 +50,6 @@ WEIGHT_SAMPLE = 1024
 _CONFIG_KEYS_IGNORED = ("transformers_version", "use_cache", "architectures")
 #: Columns of TRL's tokenized preference dataset that the data digest covers.
 DATA_COLUMNS = _trl_compat.TOKENIZED_COLUMNS
-#: Rows per arrow batch when hashing the data (fixed: the digest of a stream of batches depends on the batch size).
-_DATA_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -138,29 +136,27 @@ def tokenizer_digest(processing_class) -> str:
     return digest.hexdigest()
 
 
-def data_digest(dataset) -> str:
-    """Digest of a tokenized preference dataset's `prompt_ids`, `chosen_ids` and `rejected_ids`, in order."""
-    import numpy as np
-    import pyarrow.compute as pc
+def data_digest(dataset, row_digests=None) -> str:
+    """Digest of a tokenized preference dataset's `prompt_ids`, `chosen_ids` and `rejected_ids`, in order.
+
+    Built from the per-pair digests (`trl_cpo.data.pair_digests`, which resume also binds checkpoints to); pass them
+    as `row_digests` when they are already computed.
+    """
+    from .data import pair_digests
 
     missing = [c for c in DATA_COLUMNS if c not in dataset.column_names]
     if missing:
         raise ValueError(f"Cannot fingerprint a dataset without the tokenized columns {missing}.")
+    rows = pair_digests(dataset) if row_digests is None else row_digests
     digest = _digest()
-    view = dataset.select_columns(list(DATA_COLUMNS)).with_format("arrow")
-    for start in range(0, len(view), _DATA_BATCH):
-        table = view[start : start + _DATA_BATCH]  # honours the indices mapping a filter or select left
-        for column in DATA_COLUMNS:
-            values = table.column(column)
-            lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
-            flat = pc.list_flatten(values).to_numpy(zero_copy_only=False).astype(np.int64)
-            digest.update(lengths.tobytes())
-            digest.update(flat.tobytes())
+    digest.update(rows.numpy().tobytes())
     return digest.hexdigest()
 
 
-def reference_fingerprint(trainer, dataset) -> ReferenceFingerprint:
-    """The fingerprint of the train-set reference log-probs `trainer` would compute on its tokenized `dataset`."""
+def reference_fingerprint(trainer, dataset, row_digests=None) -> ReferenceFingerprint:
+    """The fingerprint of the train-set reference log-probs `trainer` would compute on its tokenized `dataset`.
+
+    `row_digests`: the dataset's `trl_cpo.data.pair_digests`, if already computed."""
     # The model the precompute reads (`trl_cpo.reference`): a separate reference, or the policy before any step.
     model = trainer.ref_model or trainer.model
     structure, weights = model_digests(model)
@@ -168,7 +164,7 @@ def reference_fingerprint(trainer, dataset) -> ReferenceFingerprint:
         model=structure,
         model_weights=weights,
         tokenizer=tokenizer_digest(trainer.processing_class),
-        data=data_digest(dataset),
+        data=data_digest(dataset, row_digests),
         num_pairs=len(dataset),
         max_length=trainer.args.max_length,
         truncation_mode=trainer.args.truncation_mode,
