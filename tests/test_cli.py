@@ -1,7 +1,8 @@
 """The `trl-cpo` command line: light and fast at the top, each subcommand its `trl_cpo.scripts` module's `main(argv)`.
 
 `trl-cpo --help` and `import trl_cpo` run in fresh interpreters (this process has torch loaded already): neither may
-import torch, transformers or bitsandbytes, nor print bitsandbytes' "Failed to load CPU gemm_4bit_forward" line.
+import torch, transformers or bitsandbytes, nor print a bitsandbytes or kernels line
+(tests/test_bnb_log.py covers bitsandbytes' import-time kernel probe).
 """
 
 from __future__ import annotations
@@ -124,32 +125,3 @@ def test_train_command_runs_the_recipe_config(monkeypatch, tmp_path):
     assert type(args).__name__ == "ECPOCConfig" and args.max_steps == 1
     assert (out / "model.safetensors").is_file()
     assert "### Method: E-CPOC" in (out / "README.md").read_text()
-
-
-def test_no_bitsandbytes_kernel_notice_when_training_code_is_imported():
-    # Importing a trainer imports transformers -> peft -> bitsandbytes; on AVX512-BF16 CPUs bitsandbytes 0.50 then logs
-    # a notice about a CPU inference kernel that trl-cpo never uses (trl_cpo._bnb_log). Nothing may reach stderr.
-    code = "import sys; from trl_cpo import CPOTrainer; assert 'bitsandbytes' in sys.modules"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "gemm_4bit" not in proc.stderr and "bitsandbytes" not in proc.stderr, proc.stderr[-3000:]
-
-
-def test_kernel_notice_filter_matches_bitsandbytes_and_drops_only_that_record():
-    import inspect
-    import logging
-
-    from trl_cpo import _bnb_log
-
-    ops = pytest.importorskip("bitsandbytes.backends.cpu.ops")
-    source = inspect.getsource(ops)
-    # Contract with bitsandbytes 0.50 (backends/cpu/ops.py): the notice's text and the logger it goes to.
-    assert _bnb_log.KERNEL_NOTICE in source, "bitsandbytes changed its CPU-kernel notice: update trl_cpo._bnb_log"
-    assert ops.logger.name == _bnb_log.BNB_CPU_OPS_LOGGER
-    logger = logging.getLogger(_bnb_log.BNB_CPU_OPS_LOGGER)
-
-    def record(msg):
-        return logging.LogRecord(logger.name, logging.WARNING, __file__, 1, msg, ("x",), None)
-
-    assert not logger.filter(record(_bnb_log.KERNEL_NOTICE + " from kernels-community: %s."))
-    assert logger.filter(record("Some other bitsandbytes warning: %s"))

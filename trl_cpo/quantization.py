@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from . import _bnb_log
+
 
 def _bnb_cpu_inference_layout(layer: torch.nn.Module, *, switch_off: bool = False) -> bool:
     """Whether a bitsandbytes `Linear4bit` holds its weights in bitsandbytes' CPU inference layout; with `switch_off`,
@@ -62,6 +64,8 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
     (see docs/bitsandbytes-cpu-repack.md), so such a model is not trained.
     """
     layers = _linear4bit_layers(model)
+    if any(layer.weight.device.type == "cpu" for _, layer in layers):
+        _bnb_log.explain_once()  # the CPU inference kernel bitsandbytes could not fetch: what it means, once
     repacked = [name for name, layer in layers if _bnb_cpu_inference_layout(layer, switch_off=True)]
     if repacked:
         raise ValueError(
