@@ -140,6 +140,7 @@ DDP_SCRIPT = textwrap.dedent(
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
     from helpers import WORDS, spaced_pairs
+    from trl_cpo import end_training
     from trl_cpo.callbacks import UFractionCallback
     from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
@@ -162,10 +163,12 @@ DDP_SCRIPT = textwrap.dedent(
                 "metrics": metrics,
                 "log_history": trainer.state.log_history,
             }, f)
+    end_training(trainer)  # the clean end of a plain Trainer's distributed run (trl_cpo._distributed)
     """
 )
 
 
+@pytest.mark.multiprocess
 def test_gathers_over_two_processes(tmp_path, tok):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)

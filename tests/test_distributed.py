@@ -36,6 +36,9 @@ from trl_cpo.methods import METHODS
 from trl_cpo.metrics import U_FRACTION_ATOL
 from trl_cpo.tiny import build_tiny_llama
 
+#: Launches several processes: in the 20x loop of issue 15 (`pytest -m multiprocess`).
+pytestmark = pytest.mark.multiprocess
+
 WORKER = REPO / "tests" / "scripts" / "ddp_worker.py"
 NUM_PAIRS = 24
 BETA = 2.5  # CPOConfig / ECPOCConfig default, used by the worker

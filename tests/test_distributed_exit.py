@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 from helpers import load_script, subprocess_env
 
+#: Launches several processes: in the 20x loop of issue 15 (`pytest -m multiprocess`).
+pytestmark = pytest.mark.multiprocess
+
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "scripts" / "teardown_worker.py"
 RECIPE = REPO / "recipes" / "cpo_llama3.py"

@@ -41,6 +41,9 @@ from safetensors.torch import load_file
 from trl_cpo.reference import REFERENCE_FILE
 from trl_cpo.tiny import build_tiny_llama
 
+#: Launches several processes: in the 20x loop of issue 15 (`pytest -m multiprocess`).
+pytestmark = pytest.mark.multiprocess
+
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "scripts" / "fsdp2_worker.py"
 FSDP2_YAML = REPO / "recipes" / "accelerate_configs" / "fsdp2.yaml"

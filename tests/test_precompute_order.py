@@ -118,6 +118,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_uneven_batches(trainer, tmp_path, tokenizer):
     # 13 pairs, 3 per rank per step: 3 global steps, the last one holding a single real pair (accelerate pads the
     # other slots with duplicates that gather_for_metrics must drop before the rows are put back in dataset order).

@@ -81,6 +81,7 @@ def test_tiny_config_is_offline_and_documented():
     assert all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
 
 
+@pytest.mark.multiprocess
 def test_tiny_recipe_with_accelerate_launch(tiny_model, tmp_path):
     out = tmp_path / "cpo"
     launcher = ["accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--cpu"]
@@ -97,6 +98,7 @@ def test_tiny_recipe_with_accelerate_launch(tiny_model, tmp_path):
     assert "- Dataset: the local dataset `tiny_prefs.jsonl`" in card and "| `cpo_gamma` | `0.05` |" in card
 
 
+@pytest.mark.multiprocess
 def test_tiny_recipe_with_torchrun_two_processes(tiny_model, tmp_path):
     out = tmp_path / "ecpoc"
     launcher = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]

@@ -175,6 +175,7 @@ def test_a_checkpoint_written_before_fingerprints_still_resumes_with_a_warning(
 KILL_POINTS = ("start", "model", "state", "rename")
 
 
+@pytest.mark.multiprocess
 def test_a_run_killed_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(model_dir, tmp_path):
     """Real processes, really killed: one child process per point trains CPO (6 steps, checkpoints every 2) and blocks
     at that point of the save of checkpoint-4 until this test kills it with SIGKILL; then a process that trained

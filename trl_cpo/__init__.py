@@ -22,6 +22,7 @@ _bnb_log.install()
 #: Public name -> the submodule that defines it.
 _LAZY_NAMES = {
     "UFractionCallback": "callbacks",
+    "end_training": "_distributed",
     "CPOConfig": "cpo_config",
     "CPOTrainer": "cpo_trainer",
     "ECPOCConfig": "ecpoc_config",
@@ -55,6 +56,7 @@ __all__ = [
     "ReferenceReportCallback",
     "UFractionCallback",
     "compute_reference_logps",
+    "end_training",
     "load_reference_checkpoint",
     "recommend_cpo_gamma",
     "reference_report",
@@ -77,6 +79,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names eagerly
+    from ._distributed import end_training
     from .callbacks import UFractionCallback
     from .cpo_config import CPOConfig
     from .cpo_trainer import CPOTrainer

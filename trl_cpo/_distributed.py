@@ -44,3 +44,15 @@ def end_distributed_run(end: Callable[[], None], wait_for_everyone: Callable[[],
     wait_for_everyone()
     end()
     _KEPT_GROUPS.append(group)
+
+
+def end_training(trainer) -> None:
+    """End a distributed run of any `transformers.Trainer` (e.g. a plain `trl.DPOTrainer` with `UFractionCallback`).
+
+    Call it once on every process, as the script's last use of the trainer (after `train`, `evaluate`, `save_model`,
+    `push_to_hub`): all processes meet, then `trainer.end()` finishes the trackers and destroys the process group,
+    which stays referenced until the interpreter exits (module docstring). Without it a 2-process gloo run can abort
+    at exit ("terminate called without an active exception") or hang in the teardown. `CPOTrainer.end()` and
+    `ECPOCTrainer.end()` do the same; a single process just calls `trainer.end()`.
+    """
+    end_distributed_run(trainer.end, trainer.accelerator.wait_for_everyone)

@@ -60,6 +60,9 @@ class UFractionCallback(TrainerCallback):
     Args:
         trainer: the ``trl.DPOTrainer`` (or subclass) to watch.
 
+    Under ``torchrun`` (several processes), end the script with ``trl_cpo.end_training(trainer)`` on every process:
+    it gives any Trainer the clean end ``CPOTrainer.end()`` has, without which a gloo run can abort at exit.
+
     Cost: one extra no-grad forward of the policy over the eval set per evaluation (DPOTrainer's evaluation does not
     expose its per-pair log-probs), plus one of the reference when the trainer does not precompute it.
     ``CPOTrainer`` / ``ECPOCTrainer`` already log ``eval_u_fraction`` from their own evaluation forward (a mean of
