@@ -109,6 +109,15 @@ def pair_logps(model, tokenizer, rows, length_normalized: bool) -> tuple[torch.T
     return chosen, rejected
 
 
+def column_margins(trainer, dataset, reference) -> torch.Tensor:
+    """The per-pair margins the loss step computes from `dataset`'s reference columns (`ref_chosen_logps`,
+    `ref_rejected_logps`), with the completion lengths of `reference` (the trainer's stored reference of that split)."""
+    from trl_cpo.reference import ReferenceLogps
+
+    columns = (torch.tensor(dataset["ref_chosen_logps"]), torch.tensor(dataset["ref_rejected_logps"]))
+    return trainer.reference_margin(ReferenceLogps(*columns, reference.chosen_lengths, reference.rejected_lengths))
+
+
 # -- scripts and subprocesses ----------------------------------------------------------------------------------------
 
 

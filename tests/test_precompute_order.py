@@ -27,7 +27,7 @@ from trl_cpo.reference import _longest_first, compute_reference_logps
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "scripts" / "precompute_order_worker.py"
 FIELDS = ("chosen", "rejected", "chosen_lengths", "rejected_lengths")
-REFERENCE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps", "reference_margin"]
+REFERENCE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 
 
 def mixed_length_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:

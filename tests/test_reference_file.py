@@ -204,7 +204,7 @@ def test_resume_from_a_damaged_reference_stops_before_training(tokenizer, train_
 
 
 def _nan_run(tokenizer, train_dataset, tmp_path, *, stop_on_nonfinite, inject):
-    from trl_cpo._margin_trainer import MARGIN_COLUMN
+    from trl_cpo._trl_compat import REF_CHOSEN_LOGPS
     from trl_cpo.reference import with_columns
 
     trainer = CPOTrainer(
@@ -217,10 +217,11 @@ def _nan_run(tokenizer, train_dataset, tmp_path, *, stop_on_nonfinite, inject):
         processing_class=tokenizer,
     )
     if inject == "margin":
-        # What an unchecked damaged reference did: one pair's margin is NaN (validation bypassed on purpose).
-        margin = torch.tensor(trainer.train_dataset[MARGIN_COLUMN])
-        margin[7] = float("nan")
-        trainer.train_dataset = with_columns(trainer.train_dataset, {MARGIN_COLUMN: margin})
+        # What an unchecked damaged reference did: one pair's reference log-prob, and so its margin, is NaN
+        # (validation bypassed on purpose).
+        reference = torch.tensor(trainer.train_dataset[REF_CHOSEN_LOGPS])
+        reference[7] = float("nan")
+        trainer.train_dataset = with_columns(trainer.train_dataset, {REF_CHOSEN_LOGPS: reference})
     else:
         # A forward that overflows from the third step on (as fp16 can): the margin stays finite, the loss does not.
         def overflow(module, args, output):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers import CPU, REPO, cpu_args
+from helpers import CPU, REPO, column_margins, cpu_args
 from trl import DPOConfig, DPOTrainer
 
 from trl_cpo import (
@@ -252,7 +252,7 @@ def test_auto_gamma_lifts_the_share_trains_and_resumes_with_the_same_gamma(shipp
     assert report.misaligned_fraction > 0.1 and report.lifted_fraction >= 0.9
     # the margins the loss uses are those of the chosen gamma
     ref = trainer.train_reference_logps
-    margins = torch.tensor(trainer.train_dataset["reference_margin"])
+    margins = column_margins(trainer, trainer.train_dataset, ref)
     expected = cpo_margin(*ref.per_token(), gamma=gamma)
     torch.testing.assert_close(margins, expected, rtol=1e-5, atol=1e-6)
     trainer.train()
@@ -273,7 +273,8 @@ def test_auto_gamma_lifts_the_share_trains_and_resumes_with_the_same_gamma(shipp
     assert resumed.args.cpo_gamma != pytest.approx(gamma, rel=1e-6), "the perturbation should change the choice"
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert resumed.args.cpo_gamma == pytest.approx(gamma, rel=1e-9)
-    torch.testing.assert_close(torch.tensor(resumed.train_dataset["reference_margin"]), margins, rtol=1e-6, atol=1e-7)
+    restored = column_margins(resumed, resumed.train_dataset, resumed.train_reference_logps)
+    torch.testing.assert_close(restored, margins, rtol=1e-6, atol=1e-7)
 
 
 def test_auto_gamma_refuses_an_unreachable_share(shipped, tmp_path):

@@ -3,7 +3,14 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from helpers import cpu_args, first_step_accuracy_is_roundoff, make_pairs, sequence_logps, train_logs
+from helpers import (
+    column_margins,
+    cpu_args,
+    first_step_accuracy_is_roundoff,
+    make_pairs,
+    sequence_logps,
+    train_logs,
+)
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
@@ -178,8 +185,9 @@ def test_doubling_cpo_gamma_doubles_an_uncapped_margin_in_both_spaces(tokenizer,
                 processing_class=tokenizer,
             )
             margin = trainer.reference_margin(trainer.train_reference_logps)
-            # the column the loss reads is that margin
-            torch.testing.assert_close(torch.tensor(trainer.train_dataset["reference_margin"]), margin.float())
+            # the margin the loss step computes from the batch's reference columns is that margin
+            columns = column_margins(trainer, trainer.train_dataset, trainer.train_reference_logps)
+            torch.testing.assert_close(columns, margin.float())
             margins[loss_type, gamma] = margin
     for loss_type in ("sigmoid", "sigmoid_norm"):
         small, large = margins[loss_type, 0.05], margins[loss_type, 0.1]
@@ -222,7 +230,7 @@ def test_precompute_uses_no_reference_forward_during_training(model, tokenizer, 
     trainer.compute_ref_log_probs = lambda *a, **k: calls.append(1) or original(*a, **k)
     trainer.train()
     assert calls == []
-    assert {"ref_chosen_logps", "ref_rejected_logps", "reference_margin"} <= set(trainer.train_dataset.column_names)
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)
 
 
 def test_lora_reference_is_the_adapter_free_base(model, tokenizer, train_dataset, tmp_path):
@@ -271,10 +279,10 @@ def test_resume_uses_the_checkpoint_margins(tokenizer, train_dataset, tmp_path):
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
-    rebuilt_margin = torch.tensor(resumed.train_dataset["reference_margin"])
+    rebuilt_margin = column_margins(resumed, resumed.train_dataset, resumed.train_reference_logps)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    restored_margin = torch.tensor(resumed.train_dataset["reference_margin"])
-    torch.testing.assert_close(restored_margin, torch.tensor(full.train_dataset["reference_margin"]))
+    restored_margin = column_margins(resumed, resumed.train_dataset, resumed.train_reference_logps)
+    torch.testing.assert_close(restored_margin, column_margins(full, full.train_dataset, full.train_reference_logps))
     assert not torch.allclose(rebuilt_margin, restored_margin)
     resumed_logs = [h for h in resumed.state.log_history if "loss" in h and "train_runtime" not in h]
     for full_log, resumed_log in zip(full_logs[2:], resumed_logs[-2:]):
@@ -321,8 +329,8 @@ def test_resume_restores_eval_references_even_for_an_eval_set_named_train(tokeni
     resumed.train(resume_from_checkpoint=True)
     for name in ("train", "test"):
         torch.testing.assert_close(
-            torch.tensor(resumed.eval_dataset[name]["reference_margin"]),
-            torch.tensor(first.eval_dataset[name]["reference_margin"]),
+            column_margins(resumed, resumed.eval_dataset[name], resumed.eval_reference_logps[name]),
+            column_margins(first, first.eval_dataset[name], first.eval_reference_logps[name]),
         )
 
 
@@ -410,7 +418,7 @@ def test_eval_rewards_keep_dpo_meaning(tokenizer, tmp_path, trainer_cls, config_
     assert metrics["eval_rewards/margins"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-4)
     assert metrics["eval_rewards/accuracies"] == pytest.approx((chosen > rejected).float().mean().item())
     # what DPOTrainer computed from the batch the loss saw (reference raised by margin / beta, per token) differs
-    margin = torch.tensor(trainer.eval_dataset["reference_margin"])
+    margin = column_margins(trainer, trainer.eval_dataset, trainer.eval_reference_logps["eval"])
     shifted = 0.5 * (pc - (rc + margin / 0.5 * lc))
     assert abs(shifted.mean().item() - chosen.mean().item()) > 1e-2
 

@@ -145,6 +145,27 @@ def test_sigmoid_loss_reads_the_reference_from_the_batch(tokenizer, tmp_path):
             assert loss.item() == pytest.approx(expected.item(), rel=1e-5), (s.tolist(), loss.item(), expected.item())
 
 
+def test_live_trainer_reads_the_batch_reference_inside_the_switch_and_runs_no_reference_forward(tokenizer, tmp_path):
+    precomputed = dpo_trainer(tokenizer, tmp_path / "pre", loss_type="sigmoid")
+    batch = first_batch(precomputed)
+    live = dpo_trainer(tokenizer, tmp_path / "live", loss_type="sigmoid", precompute_ref_log_probs=False)
+    pc, pr = summed_by_hand(live.model, batch)
+    rc, rr = batch[compat.REF_CHOSEN_LOGPS] + 1.5, batch[compat.REF_REJECTED_LOGPS]
+    forwards = []
+    live.ref_model.register_forward_hook(lambda *_: forwards.append(1))
+    with contract("loss_reads_batch_reference"):
+        assert live.precompute_ref_logps is False
+        with compat.loss_reads_batch_reference(live):
+            loss = live.compute_loss(live.model, {**batch, compat.REF_CHOSEN_LOGPS: rc})
+        assert live.precompute_ref_logps is False  # restored
+        assert forwards == []
+        expected = -F.logsigmoid(BETA * ((pc - rc) - (pr - rr))).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        # outside the switch the live trainer runs its own reference forward and ignores the batch's columns
+        live.compute_loss(live.model, {**batch, compat.REF_CHOSEN_LOGPS: rc})
+        assert forwards == [1]
+
+
 def sigmoid_norm_by_hand(pc, pr, rc, rr, chosen_count, rejected_count):
     return -F.logsigmoid(BETA * ((pc - rc) / chosen_count - (pr - rr) / rejected_count)).mean()
 
@@ -336,33 +357,6 @@ def test_precompute_model_is_the_ref_model_or_the_policy_and_the_engine_slot_exi
 
 
 # -- dataset columns, checkpoints, model card ---------------------------------------------------------------------------
-
-
-class KeepsExtraColumn(DPOTrainer):
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        compat.keep_column(self, "extra")
-
-
-def _collated_keys(trainer):
-    seen = []
-    inner = trainer.data_collator
-    trainer.data_collator = lambda examples: (
-        seen.append(set(examples[0])) or inner([{k: v for k, v in ex.items() if k != "extra"} for ex in examples])
-    )
-    next(iter(trainer.get_train_dataloader()))
-    return seen[0]
-
-
-def test_signature_columns_decide_which_columns_reach_the_collator(tokenizer, tmp_path):
-    rows = [dict(row, extra=float(i)) for i, row in enumerate(make_pairs(4, seed=11))]
-    with contract("signature_columns"):
-        plain = dpo_trainer(tokenizer, tmp_path / "plain", rows=rows)
-        assert plain.args.remove_unused_columns
-        assert "extra" not in _collated_keys(plain)  # dropped by Trainer ...
-        kept = dpo_trainer(tokenizer, tmp_path / "kept", KeepsExtraColumn, rows=rows)
-        assert "extra" in _collated_keys(kept)  # ... unless listed in _signature_columns
-        assert "extra" in kept._signature_columns
 
 
 class RecordsCheckpointFolder(DPOTrainer):

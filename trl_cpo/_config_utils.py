@@ -57,36 +57,25 @@ def validate_dpo_fields(config) -> None:
             "plain summed or averaged reference log-probs. Set ld_alpha=None and pick the space with loss_type "
             "('sigmoid_norm' averages per token)."
         )
-    if not config.precompute_ref_log_probs:
+    if config.precompute_ref_log_probs not in (None, True, False):
         raise ValueError(
-            f"precompute_ref_log_probs=False is not supported by {method}: the per-pair margin is computed once from "
-            "the frozen reference before training. Set precompute_ref_log_probs=True (the default)."
-        )
-    if config.sync_ref_model:
-        raise ValueError(
-            f"sync_ref_model=True is not supported by {method}: the margins come from a frozen reference and would go "
-            "stale. Set sync_ref_model=False."
+            f"precompute_ref_log_probs={config.precompute_ref_log_probs!r} is invalid for {method}. Set it to None (the "
+            "default: precompute when the data allows it, else a live reference), True or False."
         )
 
 
 def from_dpo_config(args: DPOConfig, config_cls):
     """Turn a plain `DPOConfig` into `config_cls`, keeping every field exactly as the user's config has it.
 
-    The method's own fields (e.g. `cpo_gamma`) take their defaults. The only DPO field that changes is
-    `precompute_ref_log_probs`, which the methods require (the margin is computed once from the frozen reference); it
-    is switched on with one log line. In particular `beta` and `loss_type` are kept, so a DPO script keeps its
-    log-prob space and temperature (`CPOConfig` / `ECPOCConfig` carry the paper's settings for those who want them).
+    The method's own fields (e.g. `cpo_gamma`) take their defaults. The only DPO field read differently is
+    `precompute_ref_log_probs`: DPOConfig's default `False` becomes `None`, so the trainer precomputes the reference
+    when the data allows it and otherwise runs it live (`trl_cpo.reference_source.resolve_precompute`, which says
+    which in one log line); an explicit `True` is kept. In particular `beta` and `loss_type` are kept, so a DPO script
+    keeps its log-prob space and temperature (`CPOConfig` / `ECPOCConfig` carry the paper's settings).
     """
     dpo_fields = [f.name for f in dataclasses.fields(DPOConfig) if f.init]
     kwargs = {name: getattr(args, name) for name in dpo_fields}
-    if not kwargs["precompute_ref_log_probs"]:
-        kwargs["precompute_ref_log_probs"] = True
-        logger.warning(
-            "Got a plain DPOConfig: using it as a %s with every field kept, except precompute_ref_log_probs, switched "
-            "on (%s computes its margins once from the frozen reference before training).",
-            config_cls.__name__,
-            config_cls._method_name,
-        )
+    kwargs["precompute_ref_log_probs"] = True if kwargs["precompute_ref_log_probs"] else None
     return config_cls(**kwargs)
 
 
@@ -112,11 +101,13 @@ class _ReferenceMarginConfig(DPOConfig):
             "per-token averaged log-probs (loss_type 'sigmoid_norm'); DPOConfig's 0.1 is a summed-log-prob scale."
         },
     )
-    precompute_ref_log_probs: bool = field(
-        default=True,
+    precompute_ref_log_probs: bool | None = field(
+        default=None,
         metadata={
-            "help": "Compute reference log-probs and the per-pair margin (CPO) or target (E-CPOC) once before training "
-            "and for each eval set. Required: False is rejected."
+            "help": "Where the reference log-probs behind the per-pair margin (CPO) or target (E-CPOC) come from. None "
+            "(default): computed once before training when the data allows it (map-style text data, no "
+            "sync_ref_model), else live. True: always precomputed (streamed or vision data then fail as in TRL). "
+            "False: live, from DPOTrainer's reference forward at each step."
         },
     )
     loss_type: list[str] = field(

@@ -4,10 +4,11 @@ Both losses equal DPO's sigmoid loss with the reference log-odds raised by a per
 
     -log sigmoid(beta * (delta_pi - delta_ref) - margin) = -log sigmoid(beta * (delta_pi - (delta_ref + margin/beta)))
 
-so the trainers compute `margin` once from the frozen reference (`_precompute_ref_logps`, run by DPOTrainer for the
-train set, every eval set, and sets passed to `evaluate`), and at each step hand DPOTrainer's own loss code a batch
-whose `ref_chosen_logps` carries that shift. The forward pass, log-prob aggregation, PEFT, reference handling and
-saving all stay DPOTrainer's. What the shift would distort, the `rewards/*` metrics, is recomputed with DPO's meaning.
+so at each step the trainers compute `margin` from the batch's reference log-probs and completion lengths, wherever
+those come from (precomputed columns, or DPOTrainer's own live reference forward: `trl_cpo.reference_source`), and
+hand DPOTrainer's own loss code a batch whose `ref_chosen_logps` carries that shift. The forward pass, log-prob
+aggregation, PEFT, reference handling and saving all stay DPOTrainer's. What the shift would distort, the `rewards/*`
+metrics, is recomputed with DPO's meaning.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import contextlib
 import copy
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,30 +54,14 @@ from .reference import (
     with_columns,
 )
 from .reference_file import load_matching_reference_logps, reference_fingerprint
+from .reference_source import RunningReference, resolve_precompute
 from .report import ReferenceReport, reference_report
-from .report_callback import _ReferenceReportLogger, announce_report
+from .report_callback import REPORT_MARKER, announce_report
 
-#: Dataset column (and batch key) holding the per-pair margin, in logit units.
-MARGIN_COLUMN = "reference_margin"
 #: Columns DPOTrainer reads its precomputed reference log-probs from (summed over completion tokens).
 REFERENCE_COLUMNS = _trl_compat.REFERENCE_COLUMNS
 #: Temporary column that tells which rows TRL's length filter kept (removed before the dataset is used).
 _ROW_COLUMN = "__trl_cpo_row__"
-
-
-@dataclass
-class ReferenceMarginCollator:
-    """Wrap a preference collator so the precomputed `reference_margin` column reaches the batch as a tensor."""
-
-    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if MARGIN_COLUMN not in examples[0]:
-            return self.collator(examples)
-        margins = torch.tensor([example[MARGIN_COLUMN] for example in examples], dtype=torch.float32)
-        batch = self.collator([{k: v for k, v in ex.items() if k != MARGIN_COLUMN} for ex in examples])
-        batch[MARGIN_COLUMN] = margins
-        return batch
 
 
 class _PolicyLogpsRecorder:
@@ -127,16 +110,18 @@ class _ReferenceMarginTrainer(DPOTrainer):
         self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None, **kwargs
     ):
         _trl_compat.check_dpo_trainer()
-        args = self._resolve_args(args, model)
+        args = resolve_precompute(
+            self._resolve_args(args, model),
+            train_dataset,
+            eval_dataset,
+            trainer_name=type(self).__name__,
+            from_dpo_config=type(args) is DPOConfig,
+        )
+        if not args.precompute_ref_log_probs:
+            self._check_live_reference(args)
         if isinstance(model, torch.nn.Module):
             # Before DPOTrainer reads the model's state dict, which would silently "undo" a bitsandbytes CPU repack.
             keep_4bit_layers_trainable(model)
-        if isinstance(train_dataset, IterableDataset):
-            raise ValueError(
-                f"{type(self).__name__} needs a map-style `datasets.Dataset` for `train_dataset`: the reference "
-                "margin is precomputed per pair before training, which an IterableDataset cannot hold. Materialize it "
-                "with `Dataset.from_generator(...)` or load it without `streaming=True`."
-            )
         self._validate_datasets(train_dataset, eval_dataset)
         #: What `max_length` dropped or truncated in each prepared dataset (`trl_cpo.data.LengthReport`), by name.
         self.length_reports: dict[str, LengthReport] = {}
@@ -144,8 +129,12 @@ class _ReferenceMarginTrainer(DPOTrainer):
         #: the keys of an eval dict), filled by the precompute.
         self.train_reference_logps: ReferenceLogps | None = None
         self.eval_reference_logps: dict[str, ReferenceLogps] = {}
-        #: What the reference says about the train set (`trl_cpo.report`), computed at the precompute.
+        #: What the reference says about the train set (`trl_cpo.report`): computed at the precompute, or (live
+        #: reference) over the train pairs seen so far, refreshed at each log.
         self.reference_report: ReferenceReport | None = None
+        #: Live reference only: the train pairs' reference log-probs seen so far.
+        self._running_reference = RunningReference()
+        self._report_logged = False
         #: Defaults for `create_model_card`'s keyword arguments (dataset_name, base_model_id, license, ...), so the
         #: cards DPOTrainer writes at each checkpoint (and pushes with `hub_strategy`) are as complete as the last.
         self.model_card_kwargs: dict[str, Any] = {}
@@ -158,9 +147,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
             eval_dataset=eval_dataset,
             **kwargs,
         )
-        self.data_collator = ReferenceMarginCollator(self.data_collator)
         self._policy_logps = _PolicyLogpsRecorder(self.model)
-        self.add_callback(_ReferenceReportLogger(self))
         # Under DeepSpeed and FSDP `.grad` does not hold a rank's full gradient: only the 4-bit layout is checked.
         self.add_callback(
             FirstStepGradientCheck(inspect_grads=not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
@@ -173,7 +160,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
         if isinstance(eval_dataset, dict):
             for key, dataset in eval_dataset.items():
                 validate_preference_dataset(dataset, f"eval_dataset[{key!r}]")
-        elif not isinstance(eval_dataset, str) and not (
+        elif isinstance(eval_dataset, Dataset) and not (
             # Datasets this trainer prepared already passed (e.g. `evaluate(trainer.eval_dataset)`).
             hasattr(eval_dataset, "column_names") and "prompt_ids" in eval_dataset.column_names
         ):
@@ -258,17 +245,15 @@ class _ReferenceMarginTrainer(DPOTrainer):
         # Replaces DPOTrainer's precompute (same call sites: __init__ for the train set then each eval set, and
         # evaluate) with one that keeps the result in memory on every rank and adds the margin column.
         if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                f"Dataset {name!r} is an IterableDataset; {type(self).__name__} precomputes a margin per pair and "
-                "needs a map-style `datasets.Dataset`."
-            )
+            # Only reached with an explicit precompute_ref_log_probs=True: fail in TRL's own words.
+            return super()._precompute_ref_logps(dataset, name, batch_size)
         # The precompute is an eval-mode, no-grad forward of the policy: keep bitsandbytes from repacking its 4-bit
         # layers into a CPU inference layout that cannot be trained afterwards.
         keep_4bit_layers_trainable(self.model)
         is_train = dataset is self.train_dataset
         # A dataset that went through this step before (e.g. `evaluate(trainer.eval_dataset)`) is recomputed from
         # scratch: its old columns must not reach the reference forward.
-        stale = [c for c in (*REFERENCE_COLUMNS, MARGIN_COLUMN) if c in dataset.column_names]
+        stale = [c for c in REFERENCE_COLUMNS if c in dataset.column_names]
         dataset = dataset.remove_columns(stale) if stale else dataset
         row_digests = pair_digests(dataset)  # binds checkpoints (and the audit's file) to these exact pairs
         reference = None
@@ -291,16 +276,11 @@ class _ReferenceMarginTrainer(DPOTrainer):
             self.eval_reference_logps[name] = reference
         return self._with_reference(dataset, reference)
 
-    def _with_reference(self, dataset, reference: ReferenceLogps):
-        margin = self.reference_margin(reference)
-        return with_columns(
-            dataset,
-            {
-                _trl_compat.REF_CHOSEN_LOGPS: reference.chosen,
-                _trl_compat.REF_REJECTED_LOGPS: reference.rejected,
-                MARGIN_COLUMN: margin,
-            },
-        )
+    @staticmethod
+    def _with_reference(dataset, reference: ReferenceLogps):
+        # DPOTrainer's own columns: the margin is computed from them in the loss step.
+        columns = {_trl_compat.REF_CHOSEN_LOGPS: reference.chosen, _trl_compat.REF_REJECTED_LOGPS: reference.rejected}
+        return with_columns(dataset, columns)
 
     def _choose_method_settings(self, reference: ReferenceLogps) -> None:
         """Settings chosen from the train set's reference before any margin is computed (CPO's `cpo_auto_gamma`)."""
@@ -310,42 +290,47 @@ class _ReferenceMarginTrainer(DPOTrainer):
             reference.chosen, reference.rejected, reference.chosen_lengths, reference.rejected_lengths, self.args
         )
 
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        _trl_compat.keep_column(self, MARGIN_COLUMN)
+    def _check_live_reference(self, args) -> None:
+        """Refuse, before anything loads, what a live reference cannot do for this method (CPO's `cpo_auto_gamma`)."""
 
     # -- loss and metrics ---------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if MARGIN_COLUMN not in inputs:
-            raise ValueError(
-                f"The batch has no {MARGIN_COLUMN!r}: this dataset did not go through the reference precompute. Pass "
-                "it as `train_dataset`/`eval_dataset` or to `evaluate(eval_dataset=...)`, and keep a collator that "
-                "forwards extra columns."
-            )
         mode = _trl_compat.metrics_mode(self)
-        margin = inputs[MARGIN_COLUMN]
+        live = _trl_compat.REF_CHOSEN_LOGPS not in inputs
+        if live:
+            # DPOTrainer's own reference forward (ref_model, or the policy with its adapter disabled), run here rather
+            # than inside its loss so that the margin can shift it; the loss then reads it from the batch.
+            ref_chosen, ref_rejected = _trl_compat.reference_logps(self, self.ref_model or self.model, inputs)
+        else:
+            ref_chosen, ref_rejected = inputs[_trl_compat.REF_CHOSEN_LOGPS], inputs[_trl_compat.REF_REJECTED_LOGPS]
         chosen_lengths, rejected_lengths = _trl_compat.sigmoid_norm_lengths(inputs[_trl_compat.COMPLETION_MASK])
+        reference = ReferenceLogps(ref_chosen.float(), ref_rejected.float(), chosen_lengths, rejected_lengths)
+        margin = self.reference_margin(reference)
         # Raise the reference log-odds by margin/beta in the loss's space: summed log-probs take it as is; TRL's
         # 'sigmoid_norm' divides by the completion length (clamped to 1, as here), so the shift is pre-multiplied.
         shift = margin / self.args.beta
         if self.length_normalized:
-            shift = shift * chosen_lengths.to(shift.device)
-        shifted = {k: v for k, v in inputs.items() if k != MARGIN_COLUMN}
-        shifted[_trl_compat.REF_CHOSEN_LOGPS] = inputs[_trl_compat.REF_CHOSEN_LOGPS] + shift
-        with self._policy_logps.recording():
+            shift = shift * chosen_lengths
+        shifted = {
+            **inputs,
+            _trl_compat.REF_CHOSEN_LOGPS: ref_chosen + shift.to(ref_chosen.dtype),
+            _trl_compat.REF_REJECTED_LOGPS: ref_rejected,
+        }
+        with self._policy_logps.recording(), _trl_compat.loss_reads_batch_reference(self):
             result = super().compute_loss(model, shifted, return_outputs, num_items_in_batch)
         if mode == "train" and self.args.stop_on_nonfinite:
             self._stop_on_nonfinite(result[0] if return_outputs else result, margin)
         policy_chosen, policy_rejected = self._policy_logps.sequence_logps(inputs[_trl_compat.COMPLETION_MASK])
         self._log_reference_metrics(
             mode,
+            live,
             policy_chosen.float(),
             policy_rejected.float(),
-            inputs[_trl_compat.REF_CHOSEN_LOGPS].float(),
-            inputs[_trl_compat.REF_REJECTED_LOGPS].float(),
-            chosen_lengths.to(margin.device),
-            rejected_lengths.to(margin.device),
+            reference.chosen,
+            reference.rejected,
+            chosen_lengths,
+            rejected_lengths,
             margin.float(),
         )
         return result
@@ -375,12 +360,14 @@ class _ReferenceMarginTrainer(DPOTrainer):
         )
 
     @torch.no_grad()
-    def _log_reference_metrics(self, mode, *per_pair: torch.Tensor) -> None:
+    def _log_reference_metrics(self, mode, live: bool, *per_pair: torch.Tensor) -> None:
         # Training gathers like DPOTrainer's own reward metrics. `gather_for_metrics` would drop "duplicates" from
         # every micro-batch of the last gradient-accumulation window (the Trainer prefetches the window, so the
         # dataloader already reports its end); in evaluation it correctly drops the samples that even_batches repeated.
         gather = self.accelerator.gather if mode == "train" else self.accelerator.gather_for_metrics
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, margin = gather(per_pair)
+        if live and mode == "train":
+            self._running_reference.add(ref_chosen, ref_rejected, chosen_len, rejected_len)
         lengths = (chosen_len, rejected_len, self.length_normalized)
         space = (
             *to_loss_space(policy_chosen, policy_rejected, *lengths),
@@ -400,6 +387,27 @@ class _ReferenceMarginTrainer(DPOTrainer):
         metrics["rewards/rejected"][-1] = rejected_rewards.mean().item()
         metrics["rewards/accuracies"][-1] = (chosen_rewards > rejected_rewards).float().mean().item()
         metrics["rewards/margins"][-1] = (chosen_rewards - rejected_rewards).mean().item()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # The reference report rides on training log entries rather than one of its own, so `log_history` keeps
+        # DPOTrainer's layout: precomputed, it goes out once with the first one; live, its running values go with each.
+        if _trl_compat.metrics_mode(self) == "train" and not any(key.startswith("eval_") for key in logs):
+            logs = {**logs, **self._reference_logs()}
+        super().log(logs, start_time)
+
+    def _reference_logs(self) -> dict[str, float]:
+        if not self.args.precompute_ref_log_probs:
+            running = self._running_reference.reference()
+            if running is None:
+                return {}
+            self.reference_report = self._report(running)
+            return self.reference_report.to_logs()
+        if self.reference_report is None or self._report_logged:
+            return {}
+        self._report_logged = True
+        if any(REPORT_MARKER in entry for entry in self.state.log_history):
+            return {}  # a resumed run's history has it already
+        return self.reference_report.to_logs()
 
     # -- checkpoints and resume ---------------------------------------------------------------------------------------
 
@@ -431,6 +439,9 @@ class _ReferenceMarginTrainer(DPOTrainer):
             # Resolved here rather than by the Trainer, whose choice (the highest step) may be a folder a kill left
             # incomplete: the newest complete one is taken, and the skipped ones are named.
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        if not self.args.precompute_ref_log_probs:
+            # Live reference: the margins come from the reference at each step; no reference file to restore.
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
             problem = complete_checkpoint_problem(resume_from_checkpoint)
             if problem is not None:

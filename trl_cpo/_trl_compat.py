@@ -99,7 +99,6 @@ ASSUMPTIONS: dict[str, Assumption] = {
             "truncating each prompt + completion to max_length there (not at tokenization); the prepared dataset "
             "carries those columns",
             (
-                "trl_cpo._margin_trainer.ReferenceMarginCollator",
                 "trl_cpo.reference.compute_reference_logps",
                 "trl_cpo.reference_file.data_digest",
                 "trl_cpo.scripts.audit.score.score",
@@ -108,8 +107,9 @@ ASSUMPTIONS: dict[str, Assumption] = {
         ),
         Assumption(
             "loss_reads_batch_reference",
-            "with precompute_ref_log_probs=True, _compute_loss reads the reference from the batch's "
-            "ref_chosen_logps / ref_rejected_logps and 'sigmoid' is -logsigmoid(beta * ((pi_w - ref_w) - (pi_l - "
+            "while trainer.precompute_ref_logps is True (set from precompute_ref_log_probs, and by the trainers for "
+            "the loss call when they ran the live reference forward themselves), _compute_loss reads the reference "
+            "from the batch's ref_chosen_logps / ref_rejected_logps and runs no reference forward; 'sigmoid' is -logsigmoid(beta * ((pi_w - ref_w) - (pi_l - "
             "ref_l))), so raising ref_chosen_logps by s lowers the log-odds by s",
             ("trl_cpo._margin_trainer._ReferenceMarginTrainer.compute_loss",),
             f"{_DPO}:DPOTrainer._compute_loss",
@@ -175,13 +175,6 @@ ASSUMPTIONS: dict[str, Assumption] = {
             "evaluation and clears them",
             ("trl_cpo._margin_trainer._ReferenceMarginTrainer._log_reference_metrics",),
             f"{_DPO}:DPOTrainer.log",
-        ),
-        Assumption(
-            "signature_columns",
-            "_set_signature_columns_if_needed() fills trainer._signature_columns, the dataset columns Trainer keeps "
-            "when remove_unused_columns=True",
-            ("trl_cpo._margin_trainer._ReferenceMarginTrainer._set_signature_columns_if_needed",),
-            f"{_DPO}:DPOTrainer._set_signature_columns_if_needed",
         ),
         Assumption(
             "save_checkpoint",
@@ -343,6 +336,19 @@ def reference_logps(trainer, model, batch: dict) -> tuple[torch.Tensor, torch.Te
     return trainer.compute_ref_log_probs(model, batch)
 
 
+@contextlib.contextmanager
+def loss_reads_batch_reference(trainer) -> Iterator[None]:
+    """Inside the block, DPOTrainer's `_compute_loss` takes the reference log-probs from the batch
+    (`trainer.precompute_ref_logps`, which `_compute_loss` reads on each call) instead of running its own reference
+    forward: the trainers ran that forward already, in live mode, to compute the margin from it."""
+    saved = trainer.precompute_ref_logps
+    trainer.precompute_ref_logps = True
+    try:
+        yield
+    finally:
+        trainer.precompute_ref_logps = saved
+
+
 # -- precompute (DPOTrainer.__init__, DPOTrainer.evaluate, DPOTrainer._precompute_ref_logps) ---------------------------
 
 #: The DPOTrainer method the trainers override to run their own precompute (same signature and call sites).
@@ -376,18 +382,6 @@ def metrics_mode(trainer) -> str:
 def metric_lists(trainer, mode: str) -> dict[str, list[float]]:
     """DPOTrainer's `self._metrics[mode]`: metric name -> values appended since the last log, averaged by `log`."""
     return trainer._metrics[mode]
-
-
-# -- dataset columns (Trainer._remove_unused_columns, DPOTrainer._set_signature_columns_if_needed) ---------------------
-
-
-def keep_column(trainer, column: str) -> None:
-    """Add `column` to the columns Trainer keeps under `remove_unused_columns=True` (`self._signature_columns`).
-
-    Call after `super()._set_signature_columns_if_needed()`.
-    """
-    if column not in trainer._signature_columns:
-        trainer._signature_columns = [*trainer._signature_columns, column]
 
 
 # -- checkpoints (transformers Trainer._save_checkpoint, Trainer._get_output_dir) --------------------------------------
@@ -487,7 +481,6 @@ def prepare_inputs(trainer, batch: dict) -> dict:
 #: would silently never run).
 DPO_METHODS = {
     PRECOMPUTE_METHOD: ("dataset", "name", "batch_size"),
-    "_set_signature_columns_if_needed": (),
     "_prepare_dataset": ("dataset", "processing_class", "args", "dataset_name"),
     "_save_checkpoint": ("model", "trial"),
     "_get_output_dir": ("trial",),
@@ -497,7 +490,6 @@ DPO_METHODS = {
 #: The assumption each of those methods belongs to.
 METHOD_ASSUMPTIONS = {
     PRECOMPUTE_METHOD: "precompute_hook",
-    "_set_signature_columns_if_needed": "signature_columns",
     "_prepare_dataset": "prepare_dataset",
     "_save_checkpoint": "save_checkpoint",
     "_get_output_dir": "save_checkpoint",

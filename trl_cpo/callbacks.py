@@ -21,9 +21,6 @@ from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 if TYPE_CHECKING:
     from trl import DPOTrainer
 
-# A batch key of CPO / E-CPOC that is not a model input, besides DPOTrainer's (`_trl_compat.NON_MODEL_KEYS`).
-_MARGIN_KEY = "reference_margin"
-
 _PER_PAIR_NAMES = (
     "policy_chosen",
     "policy_rejected",
@@ -116,8 +113,7 @@ class UFractionCallback(TrainerCallback):
         if _trl_compat.REF_CHOSEN_LOGPS in batch:
             ref_chosen, ref_rejected = (batch[key] for key in _trl_compat.REFERENCE_COLUMNS)
         else:
-            ref_batch = {k: v for k, v in batch.items() if k != _MARGIN_KEY}
-            ref_chosen, ref_rejected = _trl_compat.reference_logps(trainer, reference, ref_batch)
+            ref_chosen, ref_rejected = _trl_compat.reference_logps(trainer, reference, batch)
         per_pair = (
             policy_chosen,
             policy_rejected,
@@ -149,5 +145,5 @@ class UFractionCallback(TrainerCallback):
             _trl_compat.disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs),
             trainer.accelerator.autocast(),
         ):
-            log_probs = _trl_compat.fused_forward_log_probs(model, batch, exclude=(_MARGIN_KEY,))
+            log_probs = _trl_compat.fused_forward_log_probs(model, batch)
         return _trl_compat.summed_completion_logps(log_probs, batch[_trl_compat.COMPLETION_MASK])

@@ -26,7 +26,8 @@ class CPOConfig(_ReferenceMarginConfig):
 
     - `beta`: 2.5 instead of 0.1 (the released code's value, on per-token averaged log-probs).
     - `loss_type`: `['sigmoid_norm']` (per-token averaged log-probs) instead of `['sigmoid']` (summed).
-    - `precompute_ref_log_probs`: True instead of False (the margin is computed once before training; required).
+    - `precompute_ref_log_probs`: None instead of False: the reference log-probs are computed once before training
+      when the data allows it (map-style text data), else live at each step (`trl_cpo.reference_source`).
 
     Parameters:
         cpo_gamma (`float`, *optional*, defaults to `0.05`):
@@ -83,6 +84,12 @@ class CPOConfig(_ReferenceMarginConfig):
             raise ValueError(
                 f"cpo_auto_gamma={self.cpo_auto_gamma!r} is invalid: it is the share of misaligned pairs to lift, in "
                 "(0, 1]. Set e.g. cpo_auto_gamma=0.9, or leave it unset to use cpo_gamma as given."
+            )
+        if self.cpo_auto_gamma is not None and self.precompute_ref_log_probs is False:
+            raise ValueError(
+                f"cpo_auto_gamma={self.cpo_auto_gamma} needs the train set's reference log-probs before training, "
+                "which precompute_ref_log_probs=False does not compute. Set cpo_gamma and unset cpo_auto_gamma, or "
+                "leave precompute_ref_log_probs at None (the default) or True."
             )
         check_margin_hyperparameters(
             gamma=self.cpo_gamma, margin_type=self.cpo_margin_type, max_margin=self.cpo_max_margin, prefix="cpo_"

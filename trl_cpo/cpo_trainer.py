@@ -14,13 +14,14 @@ from .report import recommend_cpo_gamma
 class CPOTrainer(_ReferenceMarginTrainer):
     r"""Trainer for CPO, Constrained Preference Optimization (not TRL's Contrastive Preference Optimization).
 
-    A drop-in replacement for [`~trl.DPOTrainer`] (same arguments; a plain `DPOConfig` is used as is, with
-    `precompute_ref_log_probs` switched on and the CPO fields at their defaults) whose loss is
+    A drop-in replacement for [`~trl.DPOTrainer`] (same arguments; a plain `DPOConfig` is used as is, with the CPO
+    fields at their defaults) whose loss is
 
         -log sigmoid(beta * (delta_pi - delta_ref) - m),   m = cpo_gamma * (1/pi_ref(y_w|x) + 1/pi_ref(y_l|x)),
 
-    with `m` computed once per pair from the frozen reference before training, on per-token reference probabilities
-    (see `trl_cpo.losses.cpo_margin`).
+    with `m` computed at each step from the batch's reference log-probs, on per-token reference probabilities (see
+    `trl_cpo.losses.cpo_margin`): precomputed before training where the data allows it, else from DPOTrainer's live
+    reference forward (`trl_cpo.reference_source`).
     Logs `u_fraction`, `ref_misaligned_fraction` and `cpo_margin` next to DPOTrainer's metrics.
     """
 
@@ -31,6 +32,15 @@ class CPOTrainer(_ReferenceMarginTrainer):
         name="CPO (Constrained Preference Optimization)",
         paper={"title": PAPER_TITLE, "id": PAPER_ID, "citation": CITATION},
     )
+
+    def _check_live_reference(self, args) -> None:
+        if args.cpo_auto_gamma is not None:
+            raise ValueError(
+                f"cpo_auto_gamma={args.cpo_auto_gamma} needs the whole train set's reference log-probs before training, "
+                "but this run's reference is live (precompute_ref_log_probs=False, or the data cannot be precomputed: "
+                "an IterableDataset, vision data or sync_ref_model=True). Set cpo_gamma yourself (`trl-cpo audit` on "
+                "a map-style sample of the data recommends one) and unset cpo_auto_gamma, or give map-style text data."
+            )
 
     def _choose_method_settings(self, reference: ReferenceLogps) -> None:
         share = self.args.cpo_auto_gamma

@@ -22,7 +22,7 @@ class ECPOCConfig(_ReferenceMarginConfig):
 
     with `delta_ref` in the log-prob space `loss_type` picks. Defaults are the released code's (gamma 0.5, tau 2.0,
     alpha 1.0) on per-token averaged log-probs (`loss_type=['sigmoid_norm']`), with the CPO beta (2.5); the paper
-    reports no E-CPOC experiments. As in `CPOConfig`, `precompute_ref_log_probs` defaults to (and requires) True.
+    reports no E-CPOC experiments. As in `CPOConfig`, `precompute_ref_log_probs` defaults to None (precompute where the data allows it, else live).
 
     Parameters:
         ecpoc_gamma (`float`, *optional*, defaults to `0.5`):

@@ -11,13 +11,14 @@ from .model_card import CITATION, PAPER_ID, PAPER_TITLE
 class ECPOCTrainer(_ReferenceMarginTrainer):
     r"""Trainer for E-CPOC (not related to TRL's Contrastive Preference Optimization).
 
-    A drop-in replacement for [`~trl.DPOTrainer`] (a plain `DPOConfig` is used as is, with `precompute_ref_log_probs`
-    switched on and the E-CPOC fields at their defaults) whose loss is
+    A drop-in replacement for [`~trl.DPOTrainer`] (a plain `DPOConfig` is used as is, with the E-CPOC fields at their
+    defaults) whose loss is
 
         -log sigmoid(beta * (delta_pi - target)),
         target = delta_ref + softplus(ecpoc_tau * (ecpoc_gamma - delta_ref)) / (ecpoc_alpha * ecpoc_tau),
 
-    a target that never drops below ecpoc_gamma (for ecpoc_alpha <= 1), computed once per pair from the frozen reference. Logs
+    a target that never drops below ecpoc_gamma (for ecpoc_alpha <= 1), computed per pair from the batch's reference
+    log-probs (precomputed or live). Logs
     `u_fraction`, `ref_misaligned_fraction` and `ecpoc_target` next to DPOTrainer's metrics.
     """
 

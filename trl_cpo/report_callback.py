@@ -1,7 +1,7 @@
 """Callbacks that put the reference report (`trl_cpo.report`) into a run's logs.
 
-- `_ReferenceReportLogger` (internal): CPOTrainer / ECPOCTrainer log the report they computed at the precompute, once,
-  at the start of training, so W&B / TensorBoard / the log history / the model card get it.
+- CPOTrainer / ECPOCTrainer put the report they computed on their first training log entry (`trainer.log`), so W&B /
+  TensorBoard / the log history / the model card get it; `announce_report` prints it when it is computed.
 - `ReferenceReportCallback` (public): gives a plain `trl.DPOTrainer` run the same report at train start, under the same
   keys, reported as what CPO at its default settings would change on that data.
 """
@@ -19,7 +19,7 @@ from .report import ReferenceReport, reference_report
 logger = logging.getLogger("trl_cpo")
 
 #: The key whose presence in the log history says the report was logged already (a resumed run keeps its history).
-_MARKER = "reference/misaligned_fraction"
+REPORT_MARKER = "reference/misaligned_fraction"
 
 
 def announce_report(trainer, report: ReferenceReport) -> None:
@@ -31,19 +31,9 @@ def announce_report(trainer, report: ReferenceReport) -> None:
 
 
 def log_report_once(trainer, report: ReferenceReport, state) -> None:
-    if any(_MARKER in entry for entry in state.log_history):
+    if any(REPORT_MARKER in entry for entry in state.log_history):
         return
     trainer.log(report.to_logs())
-
-
-class _ReferenceReportLogger(TrainerCallback):
-    def __init__(self, trainer):
-        self._trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        report = getattr(self._trainer, "reference_report", None)
-        if report is not None:
-            log_report_once(self._trainer, report, state)
 
 
 class ReferenceReportCallback(TrainerCallback):
