@@ -187,3 +187,60 @@ def test_log_history_keeps_dpo_layout_with_the_report_on_the_first_training_entr
     assert "loss" in history[0] and "reference/misaligned_fraction" in history[0]
     assert [("reference/misaligned_fraction" in entry) for entry in history] == [True, False, False]
     assert history[0]["reference/misaligned_fraction"] == trainer.reference_report.misaligned_fraction
+
+
+DDP_ITERABLE_SCRIPT = """
+import json, sys
+from datasets import IterableDataset
+from helpers import WORDS, make_pairs
+from trl_cpo import CPOConfig, CPOTrainer
+from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
+
+tok = build_tiny_tokenizer(WORDS)
+rows = make_pairs(16, seed=0)
+def generate():
+    yield from rows
+args = CPOConfig(sys.argv[1], use_cpu=True, bf16=False, report_to="none", max_steps=2, logging_steps=1,
+                 per_device_train_batch_size=2, save_strategy="no", loss_type="sigmoid")
+trainer = CPOTrainer(build_tiny_llama(tok, seed=0), ref_model=build_tiny_llama(tok, seed=1), args=args,
+                     train_dataset=IterableDataset.from_generator(generate), processing_class=tok)
+trainer.train()
+if trainer.accelerator.is_main_process:
+    with open(sys.argv[1] + "/result.json", "w") as f:
+        json.dump({"num_processes": trainer.accelerator.num_processes, "live": not trainer.args.precompute_ref_log_probs,
+                   "log_history": trainer.state.log_history, "report_pairs": trainer.reference_report.num_pairs}, f)
+trainer.end()
+"""
+
+
+@pytest.mark.multiprocess
+def test_two_process_ddp_trains_a_streamed_dataset_live(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO, free_port, subprocess_env
+
+    script = tmp_path / "ddp_iterable.py"
+    script.write_text(DDP_ITERABLE_SCRIPT)
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{REPO / 'tests'}:{env['PYTHONPATH']}"
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    proc = subprocess.run(
+        [*launcher, str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["num_processes"] == 2 and result["live"]
+    steps = [entry for entry in result["log_history"] if "loss" in entry]
+    assert len(steps) == 2 and all(0 <= entry["u_fraction"] <= 1 for entry in steps)
+    # the running report gathers both ranks' pairs: 2 steps x 2 pairs x 2 processes
+    assert result["report_pairs"] == 8 and "reference/misaligned_fraction" in steps[0]
