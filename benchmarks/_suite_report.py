@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 PARTS = ("step_time", "step_time_qlora", "qlora_lora_weights_move", "recipe_fsdp2", "recipe_zero3")
-TINY_LABEL = "CPU smoke run (--tiny): not GPU results"
+SMOKE_LABEL = "CPU smoke run (--smoke): not GPU results"
 GPU_LABEL = "GPU run"
 
 
@@ -35,7 +35,7 @@ def markdown(result: dict) -> str:
     lines = ["# trl-cpo GPU suite", ""]
     if smoke:
         lines += [
-            f"**{TINY_LABEL}.** Every number below is a CPU smoke value from tiny shapes; it shows that the "
+            f"**{SMOKE_LABEL}.** Every number below is a CPU smoke value from tiny shapes; it shows that the "
             "code paths run, and says nothing about GPU speed or memory.",
             "",
         ]
