@@ -124,12 +124,14 @@ def load_pairs(path: str | Path = DEFAULT_DATA, limit: int | None = None) -> Loa
 
 
 def _validation_error(pairs: list[dict]) -> str | None:
+    """The validator's message if it refuses `pairs`, else None."""
     from datasets import Dataset
 
-    from trl_cpo.data import validate_preference_dataset
+    import trl_cpo.data
 
+    dataset = Dataset.from_list(pairs)  # outside the `try`: only the validator's refusals are skips
     try:
-        validate_preference_dataset(Dataset.from_list(pairs), name=_VALIDATED_AS)
+        trl_cpo.data.validate_preference_dataset(dataset, name=_VALIDATED_AS)
     except ValueError as error:
         return str(error)
     return None
