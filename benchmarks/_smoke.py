@@ -7,6 +7,7 @@ it never writes into benchmarks/results/, where the measurements live.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,15 @@ LABEL = (
     "SMOKE RUN (--smoke): tiny shapes, a handful of pairs, 1 round; it checks that the code runs, "
     "its numbers are not a measurement"
 )
+
+
+def start(output: str | Path | None) -> None:
+    """What every smoke run does first: refuse an `output` under benchmarks/results/, run torch on one thread unless
+    OMP_NUM_THREADS says otherwise (on tiny shapes a second thread only spins, and on a shared machine it waits), and
+    print the banner. Call it before torch is imported."""
+    refuse_results_dir(output)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    print(banner(), flush=True)
 
 
 def banner() -> str:

@@ -320,8 +320,7 @@ def main(argv=None) -> int:
     if args.smoke:
         # A smoke run stays on the CPU even on a GPU machine (the step-time children pick CUDA when they see it).
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        _smoke.refuse_results_dir(args.output_dir)
-        print(_smoke.banner(), flush=True)
+        _smoke.start(args.output_dir)
     import torch
 
     cuda = torch.cuda.is_available() and not args.smoke

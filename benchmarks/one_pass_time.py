@@ -74,8 +74,7 @@ def main(argv=None) -> dict:
         parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
     if args.smoke:
-        _smoke.refuse_results_dir(args.json)
-        print(_smoke.banner(), flush=True)
+        _smoke.start(args.json)
     os.environ.setdefault("TQDM_DISABLE", "1")
     with tempfile.TemporaryDirectory(prefix="one-pass-") as work:
         result = measure(args, work)

@@ -103,8 +103,7 @@ def _sync():
 def main(argv=None):
     args = _parse(argv)
     if args.smoke:
-        _smoke.refuse_results_dir(args.json)
-        print(_smoke.banner(), flush=True)
+        _smoke.start(args.json)
     summary = measure(args)
     if args.smoke:
         print(_smoke.banner())

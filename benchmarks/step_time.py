@@ -234,8 +234,7 @@ def main(argv=None):
     if args.load_in_4bit and not args.lora:
         sys.exit("--load_in_4bit trains a LoRA adapter: add --lora")
     if args.smoke:
-        _smoke.refuse_results_dir(args.json)
-        print(_smoke.banner(), flush=True)
+        _smoke.start(args.json)
     # A smoke run trains the trainers in this process: a fresh interpreter per trainer would take most of its time.
     runs = measure(args, in_process=args.smoke)
     report(args, runs, per_trainer_memory=not args.smoke)
