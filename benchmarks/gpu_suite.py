@@ -1,4 +1,4 @@
-"""One GPU suite for trl-cpo, also runnable tiny on CPU (`--tiny`), writing one JSON and one Markdown table.
+"""One GPU suite for trl-cpo, also runnable tiny on CPU (`--smoke`), writing one JSON and one Markdown table.
 
 Parts (each recorded as passed, failed or skipped with the reason; a part is never silently missing):
 
@@ -6,12 +6,12 @@ Parts (each recorded as passed, failed or skipped with the reason; a part is nev
                            and peak memory (benchmarks/step_time.py's machinery, imported). GPU: a randomly
                            initialised Llama-3-8B-shaped model in bf16 with gradient checkpointing (all 32 layers on a
                            GPU with >= 100 GiB, else 16 of them so that DPO's live reference copy fits next to the full
-                           training state; `--num_layers` overrides). --tiny: a width-64 Llama in fp32.
+                           training state; `--num_layers` overrides). --smoke: step_time.py --smoke.
   step_time_qlora          the same comparison with the base in 4-bit NF4 plus LoRA (reference = adapter-free base).
                            GPU only: it times bitsandbytes' 4-bit CUDA kernels.
   qlora_lora_weights_move  QLoRA training (4-bit NF4 base + LoRA on all linear layers, CPOTrainer, 3 steps) checking
                            that every LoRA weight tensor moved and no base weight did. GPU: Llama-3-8B's layer shape
-                           and vocabulary with 2 layers, bf16 compute; --tiny: bitsandbytes' CPU 4-bit path, fp32.
+                           and vocabulary with 2 layers, bf16 compute; --smoke: bitsandbytes' CPU 4-bit path, fp32.
   recipe_fsdp2             `accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml --num_processes 1
                            recipes/cpo_llama3.py --config recipes/configs/tiny_cpu.yaml` on one GPU (a local random
                            Llama, the shipped tiny pairs, bf16, a few steps): exit status, saved weights, finite logged
@@ -21,10 +21,12 @@ Parts (each recorded as passed, failed or skipped with the reason; a part is nev
 
   python benchmarks/gpu_suite.py                                  # on a GPU: benchmarks/results/gpu_suite/
   python benchmarks/gpu_suite.py --parts step_time step_time_qlora --update   # a subset, merged into the same JSON
-  python benchmarks/gpu_suite.py --tiny --output_dir /tmp/suite    # CPU smoke run (what CI runs)
+  python benchmarks/gpu_suite.py --smoke                          # CPU smoke run (what CI runs), to a temp dir
 
-A --tiny run's numbers are CPU smoke values that show the code paths work, never GPU results: its JSON says
-`"kind": "cpu_smoke"` and `"device": "cpu"`, and its Markdown opens with "CPU smoke run (--tiny): not GPU results".
+A --smoke run (`--tiny` is the same flag) stays on the CPU; its numbers are CPU smoke values that show the code paths
+work, never GPU results: its JSON says `"kind": "cpu_smoke"` and `"device": "cpu"`, and its Markdown opens with "CPU
+smoke run (--smoke): not GPU results". It writes to a new temporary directory unless `--output_dir` is given, and
+never under benchmarks/results/.
 `--parts ... --update` splits a GPU run over several sessions (how long each part takes on a GPU is
 not known yet: the suite has not run on one).
 """
@@ -45,22 +47,30 @@ import time
 import traceback
 from pathlib import Path
 
+import _smoke
+from _suite_report import GPU_LABEL, PARTS, SMOKE_LABEL, markdown, versions
+
+import trl_cpo  # noqa: F401  (first: it quiets bitsandbytes' import-time kernel probe before transformers runs it)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-PARTS = ("step_time", "step_time_qlora", "qlora_lora_weights_move", "recipe_fsdp2", "recipe_zero3")
-TINY_LABEL = "CPU smoke run (--tiny): not GPU results"
-GPU_LABEL = "GPU run"
 NEEDS_CUDA = "needs CUDA"
 
 
 def _parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny shapes (labelled as such)")
-    parser.add_argument("--output_dir", help="default: benchmarks/results/gpu_suite (or gpu_suite_tiny with --tiny)")
+    parser.add_argument(
+        "--smoke",
+        "--tiny",
+        action="store_true",
+        dest="smoke",
+        help="CPU smoke run with tiny shapes, not a measurement",
+    )
+    parser.add_argument("--output_dir", help="default: benchmarks/results/gpu_suite (a new temp dir with --smoke)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--update", action="store_true", help="merge into an existing gpu_suite.json (same device)")
     parser.add_argument("--num_layers", type=int, help="layers of the 8B-shaped bf16 step-time model (GPU)")
-    parser.add_argument("--rounds", type=int, help="step-time rounds (default 3 on GPU, 1 with --tiny)")
+    parser.add_argument("--rounds", type=int, help="step-time rounds (default 3 on GPU, 1 with --smoke)")
     parser.add_argument("--recipe_max_steps", type=int, default=3)
     return parser.parse_args(argv)
 
@@ -99,9 +109,8 @@ def part_step_time(args, cuda: bool, qlora: bool) -> dict:
             f"{NEEDS_CUDA}: it times bitsandbytes' 4-bit CUDA kernels (the CPU 4-bit path is exercised by "
             "qlora_lora_weights_move)"
         )
-    if args.tiny:
-        flags = ["--shape", "tiny", "--dtype", "fp32", "--per_device_train_batch_size", "2", "--seq", "32"]
-        flags += ["--steps", "2", "--warmup", "1", "--rounds", str(args.rounds or 1)]
+    if args.smoke:
+        flags = ["--smoke", "--rounds", str(args.rounds or 1)]
     else:
         flags = ["--shape", "llama3-8b", "--dtype", "bf16", "--per_device_train_batch_size", "2", "--seq", "1024"]
         flags += ["--steps", "8", "--warmup", "2", "--rounds", str(args.rounds or 3), "--gradient_checkpointing"]
@@ -111,9 +120,9 @@ def part_step_time(args, cuda: bool, qlora: bool) -> dict:
             total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
             flags += ["--num_layers", str(args.num_layers or (32 if total_gib >= 100 else 16))]
     st_args = st._parse(flags)
-    # --tiny: trainers run in this process (the interpreter start-up would dominate a subprocess per trainer), so its
+    # --smoke: trainers run in this process (the interpreter start-up would dominate a subprocess per trainer), so its
     # memory column is this process's RSS growth, not a per-trainer peak.
-    runs = st.measure(st_args, in_process=args.tiny)
+    runs = st.measure(st_args, in_process=args.smoke)
     summary = st.summarize(runs)
     mem_key = "peak_gpu_mib" if cuda else "peak_rss_over_baseline_mib"
     trainers = {}
@@ -167,7 +176,7 @@ def part_qlora_check(args, cuda: bool, workdir: str) -> dict:
     st = step_time_module()
     words = [f"w{i}" for i in range(500)]
     tokenizer = build_tiny_tokenizer(words)
-    if args.tiny:
+    if args.smoke:
         shape, num_layers, dtype, seq = "tiny", 2, torch.float32, 16
     else:
         shape, num_layers, dtype, seq = "llama3-8b", 2, torch.bfloat16, 128
@@ -302,133 +311,37 @@ def part_recipe(args, cuda: bool, workdir: str, name: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = None
-    out["trl-cpo"] = _trl_cpo_version()
-    return out
-
-
-def _trl_cpo_version():
-    try:
-        from importlib.metadata import version
-
-        return version("trl-cpo")
-    except Exception:
-        return None
-
-
-def markdown(result: dict) -> str:
-    smoke = result["kind"] == "cpu_smoke"
-    unit = " (CPU smoke)" if smoke else ""
-    lines = ["# trl-cpo GPU suite", ""]
-    if smoke:
-        lines += [
-            f"**{TINY_LABEL}.** Every number below is a CPU smoke value from tiny shapes; it shows that the "
-            "code paths run, and says nothing about GPU speed or memory.",
-            "",
-        ]
-    lines += [
-        f"Device: {result['device_name']} (`{result['device']}`); date: {result['date']}; "
-        + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
-        "",
-    ]
-    lines += ["| part | status | details |", "| --- | --- | --- |"]
-    for name in PARTS:
-        part = result["parts"].get(name)
-        if part is None:
-            lines.append(f"| {name} | not run in this invocation | |")
-            continue
-        status = part["status"] if part["status"] != "skipped" else f"skipped: {part['reason']}"
-        lines.append(f"| {name} | {status} | {_details(name, part)} |")
-    for name in ("step_time", "step_time_qlora"):
-        part = result["parts"].get(name)
-        if not part or part["status"] != "passed":
-            continue
-        c = part["config"]
-        lines += [
-            "",
-            f"## {name}{unit}",
-            "",
-            f"shape {c['shape']} ({c['layers']} layers), {c['dtype']}, 4-bit "
-            f"{c['load_in_4bit']}, LoRA {c['lora']}, {c['per_device_train_batch_size']} pairs x {c['seq']} "
-            f"tokens per step, {c['rounds']} rounds x {c['steps']} timed steps; memory: {c['memory']}.",
-            "",
-            f"| trainer | step s{unit} | tokens/s{unit} | peak MiB{unit} | time / DPO precomputed{unit} | "
-            f"time / DPO live{unit} | mem / DPO precomputed{unit} | mem / DPO live{unit} |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for trainer, s in part["trainers"].items():
-            lines.append(
-                f"| {trainer} | {s['median_step_s']:.4f} | {s['tokens_per_s']:.1f} | {s['peak_mem_mib']:.1f} | "
-                f"{s['time_vs_dpo_precomp']:.3f} | {s['time_vs_dpo_live']:.3f} | {_ratio(s['mem_vs_dpo_precomp'])} | "
-                f"{_ratio(s['mem_vs_dpo_live'])} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def _ratio(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _details(name: str, part: dict) -> str:
-    if part["status"] == "skipped":
-        return ""
-    if "error" in part:
-        return f"error: {part['error'].splitlines()[-1][:200]}"
-    if name.startswith("step_time"):
-        t = part["trainers"]
-        return ", ".join(
-            f"{k} {v['time_vs_dpo_precomp']:.3f}x DPO-precomputed time" for k, v in t.items() if k in ("cpo", "ecpoc")
-        )
-    if name == "qlora_lora_weights_move":
-        return (
-            f"{part['lora_tensors_moved']}/{part['lora_tensors']} LoRA tensors moved, "
-            f"{len(part['base_tensors_changed'])} base tensors changed, {part['linear4bit_modules']} Linear4bit"
-        )
-    if name.startswith("recipe"):
-        return f"exit {part['returncode']}, {part['wall_s']:.0f}s, losses {[round(x, 4) for x in part['losses']]}"
-    return ""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    if args.tiny:
+    if args.smoke:
         # A smoke run stays on the CPU even on a GPU machine (the step-time children pick CUDA when they see it).
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        _smoke.start(args.output_dir)
     import torch
 
-    cuda = torch.cuda.is_available() and not args.tiny
-    if not args.tiny and not cuda:
-        sys.exit("No CUDA device: this suite measures GPUs. Run with --tiny for the CPU smoke run.")
-    output_dir = Path(args.output_dir or HERE / "results" / ("gpu_suite_tiny" if args.tiny else "gpu_suite"))
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not args.smoke and not cuda:
+        sys.exit("No CUDA device: this suite measures GPUs. Run with --smoke for the CPU smoke run.")
+    if args.smoke:
+        output_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="gpu-suite-smoke-"))
+    else:
+        output_dir = Path(args.output_dir or HERE / "results" / "gpu_suite")
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / "gpu_suite.json"
     st = step_time_module()
     device_name = torch.cuda.get_device_name(0) if cuda else st.device_name()
     result = {
         "suite": "trl-cpo benchmarks/gpu_suite.py",
-        "kind": "cpu_smoke" if args.tiny else "gpu",
-        "label": TINY_LABEL if args.tiny else GPU_LABEL,
+        "kind": "cpu_smoke" if args.smoke else "gpu",
+        "label": SMOKE_LABEL if args.smoke else GPU_LABEL,
         "device": "cuda" if cuda else "cpu",
         "device_name": device_name,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "versions": _versions(),
+        "versions": versions(),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "parts": {},
     }
@@ -457,8 +370,11 @@ def main(argv=None) -> int:
             if "error" in part:
                 print(part["error"], file=sys.stderr)
     json_path.write_text(json.dumps(result, indent=1))
-    (output_dir / "gpu_suite.md").write_text(markdown(result))
-    print(f"\n{result['label']}: wrote {json_path} and {output_dir / 'gpu_suite.md'}")
+    table = markdown(result)
+    (output_dir / "gpu_suite.md").write_text(table)
+    print(f"\n{table}\n{result['label']}: wrote {json_path} and {output_dir / 'gpu_suite.md'}")
+    if args.smoke:
+        print(_smoke.banner())
     return 1 if any(p["status"] == "failed" for p in result["parts"].values()) else 0
 
 

@@ -13,7 +13,8 @@ Both run in one process on the same model weights, the same tokenized pairs and 
 
 Data: the first 512 pairs of Anthropic's HH-RLHF harmless-base test split (benchmarks/data/, MIT licence in
 benchmarks/data/LICENSE-hh-rlhf), mixed-length multi-turn conversations split into an explicit prompt (up to the
-last "Assistant:") and the two final answers. Model: a randomly initialised Llama (width 256, 4 layers) with a
+last "Assistant:") and the two final answers, less the pairs the trainers' validator refuses (one: an empty chosen
+answer), which benchmarks/_data.py skips and names. Model: a randomly initialised Llama (width 256, 4 layers) with a
 word-level tokenizer trained on those pairs (`trl_cpo.tiny`), nothing downloaded.
 
 The variants are timed round by round in rotating order, so that machine noise hits them alike; the reported
@@ -25,13 +26,13 @@ compute-bound device the time ratio cannot go much below the padded-token ratio.
 
   OMP_NUM_THREADS=1 python benchmarks/precompute_time.py   # CPU: ~8 CPU-minutes of work, 512 pairs, 3 rounds
   python benchmarks/precompute_time.py --dtype bf16 --json benchmarks/results/precompute_time_gpu.json   # one GPU
+  python benchmarks/precompute_time.py --smoke   # seconds on a CPU, not a measurement: 96 pairs, width 64, 1 round
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import io
 import json
 import os
@@ -40,18 +41,26 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE / "data" / "hh-rlhf-harmless-base-test-512.jsonl.gz"
-ASSISTANT = "\n\nAssistant:"
+import _smoke
+from _data import DEFAULT_DATA, load_pairs
+
+import trl_cpo  # noqa: F401  (first: it quiets bitsandbytes' import-time kernel probe before transformers runs it)
+
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+#: --smoke's settings (flags given with it still win): the first 96 records reach the one the validator refuses (86).
+SMOKE = dict(num_pairs=96, batch_size=8, max_length=256, rounds=1, hidden_size=64, num_layers=2, vocab_size=2000)
 
 
 def _parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="HH-RLHF-format JSON lines (.gz ok)")
-    parser.add_argument("--num_pairs", type=int, default=512)
+    parser.add_argument("--smoke", action="store_true", help=f"a smoke run, not a measurement: {SMOKE}")
+    parser.add_argument(
+        "--data", default=str(DEFAULT_DATA), help="HH-RLHF or prompt/chosen/rejected JSON lines (.gz ok)"
+    )
+    parser.add_argument(
+        "--num_pairs", type=int, default=512, help="records read (pairs the validator refuses skipped)"
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="precompute_ref_batch_size, for both")
     parser.add_argument("--max_length", type=int, default=1024, help="DPOConfig.max_length (TRL's default)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -61,27 +70,9 @@ def _parse(argv=None):
     parser.add_argument("--vocab_size", type=int, default=8192, help="word-level tokenizer vocabulary")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--json", help="write all measurements here (e.g. benchmarks/results/precompute_time.json)")
+    if parser.parse_args(argv).smoke:
+        parser.set_defaults(**SMOKE)
     return parser.parse_args(argv)
-
-
-def load_hh_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
-    """HH-RLHF rows (two full conversations) as explicit-prompt pairs: the shared dialogue up to the last
-    "Assistant:" is the prompt, the two final answers are the completions (each starting with a space)."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    pairs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            cut = row["chosen"].rfind(ASSISTANT) + len(ASSISTANT)
-            prompt = row["chosen"][:cut]
-            if cut < len(ASSISTANT) or not row["rejected"].startswith(prompt):
-                continue  # the two conversations do not share their dialogue up to the final answer
-            pairs.append({"prompt": prompt, "chosen": row["chosen"][cut:], "rejected": row["rejected"][cut:]})
-            if limit is not None and len(pairs) == limit:
-                break
-    return pairs
 
 
 def padded_tokens(lengths: list[int], order: list[int], batch_size: int) -> int:
@@ -111,6 +102,15 @@ def _sync():
 
 def main(argv=None):
     args = _parse(argv)
+    if args.smoke:
+        _smoke.start(args.json)
+    summary = measure(args)
+    if args.smoke:
+        print(_smoke.banner())
+    return summary
+
+
+def measure(args):
     import torch
     from datasets import Dataset, load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,7 +123,9 @@ def main(argv=None):
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    pairs = load_hh_pairs(args.data, args.num_pairs)
+    loaded = load_pairs(args.data, args.num_pairs)
+    print(loaded.summary(), flush=True)
+    pairs = loaded.pairs
     with tempfile.TemporaryDirectory() as workdir:
         tokenizer = build_tiny_tokenizer(
             [text for pair in pairs for text in pair.values()], vocab_size=args.vocab_size
@@ -239,6 +241,7 @@ def main(argv=None):
     ratios = [o / t for o, t in zip(times["ours"], times["trl"])]
     cpu_ratios = [o / t for o, t in zip(cpu_times["ours"], cpu_times["trl"])]
     summary = {
+        "kind": "smoke" if args.smoke else "measurement",
         "device": _device(),
         "ratio_ours_over_trl": statistics.median(ratios),
         "cpu_time_ratio_ours_over_trl": statistics.median(cpu_ratios),
@@ -254,6 +257,7 @@ def main(argv=None):
         "torch_threads": torch.get_num_threads(),
         "target": 0.7,
         "pairs": len(pairs),
+        "pairs_skipped": [{"row": row, "reason": reason} for row, reason in loaded.refused],
         "tokens_per_pair": {
             "min": min(lengths),
             "median": statistics.median(lengths),
@@ -264,7 +268,8 @@ def main(argv=None):
         "max_rel_diff_ref_chosen_logps": max_rel,
     }
     print(
-        f"\ndevice: {summary['device']}; {len(pairs)} HH-RLHF pairs (padded pair length {min(lengths)}-{max(lengths)} "
+        f"\n{'smoke run (not a measurement): ' if args.smoke else ''}device: {summary['device']}; {len(pairs)} "
+        f"HH-RLHF pairs (padded pair length {min(lengths)}-{max(lengths)} "
         f"tokens, median {statistics.median(lengths):.0f}), batch {args.batch_size}, max_length {args.max_length}, "
         f"Llama width {args.hidden_size} x {args.num_layers} layers, {args.dtype}, {args.rounds} rounds"
     )

@@ -16,12 +16,19 @@ Targets (issue 2): cpo and ecpoc <= 1.03x dpo_precomp and <= 0.85x dpo_live in s
   python benchmarks/step_time.py --shape llama3-8b --dtype bf16 --per_device_train_batch_size 2 --seq 1024  # one GPU
   python benchmarks/step_time.py --shape llama3-8b --load_in_4bit --lora \
       --per_device_train_batch_size 2 --seq 1024                                           # QLoRA on one GPU
+  python benchmarks/step_time.py --smoke              # seconds on a CPU: not a measurement (see below)
+
+--smoke: the tiny shape, 2 pairs x 32 tokens, 1 warm-up + 2 timed steps, 1 round, and the trainers run in this
+process (a fresh interpreter per trainer would take most of the time), so its memory ratios are not computed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import math
 import os
 import random
 import resource
@@ -31,6 +38,10 @@ import sys
 import tempfile
 import time
 
+import _smoke
+
+import trl_cpo  # noqa: F401  (first: it quiets bitsandbytes' import-time kernel probe before transformers runs it)
+
 TRAINERS = ("cpo", "ecpoc", "dpo_precomp", "dpo_live")
 SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab
@@ -38,10 +49,13 @@ SHAPES = {
     "small": (256, 4, 4, 4, 688, 8192),
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256),
 }
+#: --smoke's settings (flags given with it still win).
+SMOKE = dict(shape="tiny", per_device_train_batch_size=2, seq=32, steps=2, warmup=1, rounds=1)
 
 
 def _parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help=f"a smoke run, not a measurement: {SMOKE}")
     parser.add_argument("--shape", choices=SHAPES, default="small")
     parser.add_argument("--num_layers", type=int, help="override the shape's layer count (e.g. to fit one GPU)")
     parser.add_argument("--per_device_train_batch_size", type=int, default=4, help="per-device pairs per step")
@@ -56,6 +70,8 @@ def _parse(argv=None):
     parser.add_argument("--json", help="write all measurements here")
     parser.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    if parser.parse_args(argv).smoke:
+        parser.set_defaults(**SMOKE)
     return parser.parse_args(argv)
 
 
@@ -217,16 +233,21 @@ def main(argv=None):
         return _child(args)
     if args.load_in_4bit and not args.lora:
         sys.exit("--load_in_4bit trains a LoRA adapter: add --lora")
-    runs = measure(args)
-    report(args, runs)
+    if args.smoke:
+        _smoke.start(args.json)
+    # A smoke run trains the trainers in this process: a fresh interpreter per trainer would take most of its time.
+    runs = measure(args, in_process=args.smoke)
+    report(args, runs, per_trainer_memory=not args.smoke)
+    if args.smoke:
+        print(_smoke.banner())
 
 
 def measure(args, in_process=False):
     """Every trainer for `args.rounds` rounds, interleaved: {trainer: [one `run_trainer` result per round]}.
 
     Each run is a fresh subprocess, so that peak memory is that trainer's alone. `in_process` runs them in this
-    process instead (for CPU smoke runs, where the interpreter start-up would dominate; memory figures are then not
-    per trainer). A failed run raises `RuntimeError` with the child's output.
+    process instead (for smoke runs, where the interpreter start-up would dominate; memory figures are then not
+    per trainer, and what the trainers print is dropped). A failed run raises `RuntimeError` with the child's output.
     """
     import argparse
 
@@ -236,10 +257,10 @@ def measure(args, in_process=False):
         for round_index in range(args.rounds):
             order = TRAINERS[round_index % len(TRAINERS) :] + TRAINERS[: round_index % len(TRAINERS)]
             for name in order:
-                if in_process:
-                    runs[name].append(
-                        run_trainer(argparse.Namespace(**{**vars(args), "child": name, "workdir": workdir}))
-                    )
+                if in_process:  # the trainers' own printing (reference report, logs) is dropped, as from a child
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        result = run_trainer(argparse.Namespace(**{**vars(args), "child": name, "workdir": workdir}))
+                    runs[name].append(result)
                 else:
                     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--workdir", workdir]
                     cmd += _child_flags(args)
@@ -284,13 +305,16 @@ def device_name():
     )
 
 
-def report(args, runs):
+def report(args, runs, per_trainer_memory=True):
+    """Print the table of medians and ratios (memory ratios "n/a" when the trainers shared one process); write
+    `args.json`. Returns the summary."""
     import torch
 
     summary = summarize(runs)
     device = device_name()
     print(
-        f"\ndevice: {device}; shape {args.shape}, dtype {args.dtype}, 4bit {args.load_in_4bit}, lora {args.lora}, "
+        f"\n{'smoke run (not a measurement): ' if args.smoke else ''}device: {device}; shape {args.shape}, "
+        f"dtype {args.dtype}, 4bit {args.load_in_4bit}, lora {args.lora}, "
         f"batch {args.per_device_train_batch_size} pairs x {args.seq} tokens, {args.rounds} rounds x {args.steps} "
         "timed steps"
     )
@@ -300,16 +324,23 @@ def report(args, runs):
         f"{'time/dpo_live':>14s} {'mem/dpo_precomp':>16s} {'mem/dpo_live':>13s}"
     )
     for name, s in summary.items():
+        mem_ratios = [s[mem_key] / max(summary[base][mem_key], 1e-9) for base in ("dpo_precomp", "dpo_live")]
+        if not per_trainer_memory:  # the process's RSS growth so far, not this trainer's: no ratio to claim
+            mem_ratios = [math.nan, math.nan]
         print(
             f"{name:12s} {s['median_step_s']:9.4f} {s['tokens_per_s']:10.1f} {s[mem_key]:10.1f} "
             f"{s['median_step_s'] / summary['dpo_precomp']['median_step_s']:17.3f} "
             f"{s['median_step_s'] / summary['dpo_live']['median_step_s']:14.3f} "
-            f"{s[mem_key] / max(summary['dpo_precomp'][mem_key], 1e-9):16.3f} "
-            f"{s[mem_key] / max(summary['dpo_live'][mem_key], 1e-9):13.3f}"
+            f"{mem_ratios[0]:16.3f} {mem_ratios[1]:13.3f}"
         )
+    if not per_trainer_memory:
+        print("(trainers ran in one process: peak MiB is that process's RSS growth, so memory ratios are nan)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "args": vars(args), "summary": summary, "runs": runs}, f, indent=1)
+            kind = "smoke" if args.smoke else "measurement"
+            json.dump(
+                {"kind": kind, "device": device, "args": vars(args), "summary": summary, "runs": runs}, f, indent=1
+            )
     return summary
 
 

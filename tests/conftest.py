@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -9,7 +11,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 from datasets import Dataset  # noqa: E402
-from helpers import WORDS, make_pairs  # noqa: E402
+from helpers import REPO, WORDS, make_pairs, subprocess_env  # noqa: E402
 
 from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
 
@@ -40,3 +42,18 @@ def train_dataset():
 @pytest.fixture
 def eval_dataset():
     return Dataset.from_list(make_pairs(8, seed=1))
+
+
+@pytest.fixture(scope="session")
+def gpu_suite_smoke(tmp_path_factory):
+    """`benchmarks/gpu_suite.py --smoke` run once, in a subprocess (tests/test_gpu_suite.py and test_benchmarks.py
+    both read it): (the finished process, its output directory)."""
+    out = tmp_path_factory.mktemp("gpu-suite")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--smoke", "--output_dir", str(out)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc, out

@@ -1,37 +1,27 @@
-"""`benchmarks/gpu_suite.py --tiny`: the GPU suite's code paths on CPU, labelled as a CPU smoke run.
+"""`benchmarks/gpu_suite.py --smoke`: the GPU suite's code paths on CPU, labelled as a CPU smoke run.
 
-Runs the suite in a subprocess, as CI and a user would, and checks its one JSON and its Markdown: the schema, the
-labelling (never presented as GPU results), that every part is recorded, that the parts which can run on CPU ran and
-passed (the step-time comparison in fp32, the QLoRA every-LoRA-weight-moves check on bitsandbytes' CPU 4-bit path),
-and that the CUDA-only parts say "skipped: needs CUDA" instead of being missing.
+Runs the suite in a subprocess, as CI and a user would (the session fixture `gpu_suite_smoke`, shared with
+tests/test_benchmarks.py), and checks its one JSON and its Markdown: the schema, the labelling (never presented as GPU
+results), that every part is recorded, that the parts which can run on CPU ran and passed (the step-time comparison in
+fp32, the QLoRA every-LoRA-weight-moves check on bitsandbytes' CPU 4-bit path), and that the CUDA-only parts say
+"skipped: needs CUDA" instead of being missing.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
-from helpers import REPO, subprocess_env
 
-SUITE = REPO / "benchmarks" / "gpu_suite.py"
 PARTS = {"step_time", "step_time_qlora", "qlora_lora_weights_move", "recipe_fsdp2", "recipe_zero3"}
 CUDA_ONLY = {"step_time_qlora", "recipe_fsdp2", "recipe_zero3"}
 TRAINERS = {"cpo", "ecpoc", "dpo_precomp", "dpo_live"}
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu-suite")
-    proc = subprocess.run(
-        [sys.executable, str(SUITE), "--tiny", "--output_dir", str(out)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def suite(gpu_suite_smoke):
+    proc, out = gpu_suite_smoke
     assert proc.returncode == 0, f"suite failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return json.loads((out / "gpu_suite.json").read_text()), (out / "gpu_suite.md").read_text()
 
@@ -39,11 +29,11 @@ def suite(tmp_path_factory):
 def test_labelled_as_cpu_smoke_run(suite):
     result, table = suite
     assert result["kind"] == "cpu_smoke" and result["device"] == "cpu"
-    assert result["label"] == "CPU smoke run (--tiny): not GPU results"
+    assert result["label"] == "CPU smoke run (--smoke): not GPU results"
     assert result["device_name"].startswith("CPU")
     assert all(part["kind"] == "cpu_smoke" for part in result["parts"].values())
     assert result["versions"]["torch"] and result["versions"]["trl"] and result["date"]
-    assert table.splitlines()[2].startswith("**CPU smoke run (--tiny): not GPU results.**")
+    assert table.splitlines()[2].startswith("**CPU smoke run (--smoke): not GPU results.**")
     # Every numeric column of the step-time table says it is a CPU smoke value.
     header = next(line for line in table.splitlines() if line.startswith("| trainer |"))
     assert header.count("(CPU smoke)") == 7
