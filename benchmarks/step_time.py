@@ -1,7 +1,8 @@
 """Per-step training time and peak memory of CPOTrainer, ECPOCTrainer and DPOTrainer, printed as ratios.
 
 Trainers compared (same model, data, batch and log-prob space: length-normalized):
-  cpo            CPOTrainer (reference log-probs and margins precomputed before training)
+  cpo            CPOTrainer (reference log-probs precomputed before training; the margin computed in the loss step)
+  cpo_live       CPOTrainer, precompute_ref_log_probs=False (DPOTrainer's live reference forward at every step)
   ecpoc          ECPOCTrainer (same)
   dpo_precomp    DPOTrainer, loss_type=sigmoid_norm, precompute_ref_log_probs=True
   dpo_live       DPOTrainer, loss_type=sigmoid_norm, reference forward at every step
@@ -10,7 +11,8 @@ Each measurement runs one trainer in a fresh subprocess (so peak memory is that 
 are interleaved round by round in rotating order, so machine noise hits all of them alike. A round times `--steps`
 optimizer steps after `--warmup` untimed ones; ratios use the median step time over all rounds.
 
-Targets (issue 2): cpo and ecpoc <= 1.03x dpo_precomp and <= 0.85x dpo_live in step time; peak memory <= DPO's.
+Targets: cpo and ecpoc <= 1.03x dpo_precomp and <= 0.85x dpo_live in step time (issue 2), cpo_live <= 1.03x dpo_live
+(issue 16); peak memory <= DPO's.
 
   python benchmarks/step_time.py                      # CPU, small Llama (a few minutes on 2 cores)
   python benchmarks/step_time.py --shape llama3-8b --dtype bf16 --per_device_train_batch_size 2 --seq 1024  # one GPU
@@ -42,7 +44,7 @@ import _smoke
 
 import trl_cpo  # noqa: F401  (first: it quiets bitsandbytes' import-time kernel probe before transformers runs it)
 
-TRAINERS = ("cpo", "ecpoc", "dpo_precomp", "dpo_live")
+TRAINERS = ("cpo", "ecpoc", "cpo_live", "dpo_precomp", "dpo_live")
 SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (64, 2, 4, 4, 128, None),
@@ -172,9 +174,12 @@ def run_trainer(args):
         seed=0,
     )
     ref_model = None
-    if args.child in METHODS:  # cpo, ecpoc: the method's trainer with its default method fields
-        method = METHODS[args.child]
-        cls, config = method.trainer_class, method.config_class(**common)
+    if args.child.removesuffix("_live") in METHODS:  # cpo, ecpoc, cpo_live: the method's trainer, default fields
+        method = METHODS[args.child.removesuffix("_live")]
+        live = args.child.endswith("_live")
+        cls, config = method.trainer_class, method.config_class(**common, precompute_ref_log_probs=not live)
+        if live and not args.lora:
+            ref_model = AutoModelForCausalLM.from_pretrained(f"{args.workdir}/model", **load_kwargs)
     else:
         precompute = args.child == "dpo_precomp"
         cls, config = DPOTrainer, DPOConfig(**common, precompute_ref_log_probs=precompute)
