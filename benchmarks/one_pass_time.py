@@ -1,12 +1,14 @@
-"""One reference pass: time of `trl-cpo audit` + a training run's start, with and without `reference_logps_file`.
+"""One reference pass: time of `trl-cpo audit` + a training run's start, with and without the reference store.
 
-The audit runs the reference over the train set and writes `reference_logps.safetensors`. A training run then either
-runs the reference again (its precompute) or reads the file (`reference_logps_file`), after checking its fingerprint.
+The audit runs the reference over the train set and writes its log-probs into the reference store
+(`trl_cpo.reference_store`; here a temporary folder). A training run then either runs the reference again (its
+precompute, `reference_cache=False`) or finds the audit's entry in the store without being told, after computing
+its fingerprint.
 Training steps are identical in both cases, so what is timed is the audit and the trainer's construction (model load,
 tokenization, precompute or file read + fingerprint), which is where the two pipelines differ:
 
     pipeline A (two passes) = audit + trainer construction with its own precompute
-    pipeline B (one pass)   = audit + trainer construction reading the audit's file
+    pipeline B (one pass)   = audit + trainer construction reading the audit's store entry
 
 Constructions alternate A, B, A, B, ... (`--rounds` each, after the audit has tokenized the data once, so both see the
 same `datasets` cache) and the medians are reported, with the time spent in the reference forward passes
@@ -77,6 +79,7 @@ def main(argv=None) -> dict:
         _smoke.start(args.json)
     os.environ.setdefault("TQDM_DISABLE", "1")
     with tempfile.TemporaryDirectory(prefix="one-pass-") as work:
+        os.environ["TRL_CPO_REFERENCE_CACHE"] = os.path.join(work, "reference-store")  # not the user's cache
         result = measure(args, work)
     if args.smoke:
         print(_smoke.banner())
@@ -117,7 +120,6 @@ def measure(args, work: str) -> dict:
         precompute_ref_batch_size=args.batch,
         report_to="none",
     )
-    reference_file = os.path.join(work, "audit", "reference_logps.safetensors")
     config = {
         "model_name_or_path": model_dir,
         "dataset_name": data,
@@ -159,7 +161,8 @@ def measure(args, work: str) -> dict:
             model=model_dir,
             args=CPOConfig(
                 output_dir=os.path.join(work, "train"),
-                reference_logps_file=reference_file if reuse else None,
+                # reuse: the audit's entry in the reference store, found without being told; recompute: store off
+                reference_cache=reuse,
                 model_init_kwargs={"dtype": "float32"},
                 **train,
             ),
@@ -203,7 +206,7 @@ def measure(args, work: str) -> dict:
         f"  audit                                   {audit_s:7.1f} s  (reference forward {audit_forward_s:.1f} s)\n"
         f"  training start, own precompute          {recompute:7.1f} s  "
         f"(reference forward {result['train_recompute_forward_s']:.1f} s)\n"
-        f"  training start, reading the audit file  {reuse:7.1f} s  "
+        f"  training start, from the audit's entry  {reuse:7.1f} s  "
         f"(fingerprint {result['train_reuse_fingerprint_s']:.2f} s, no forward)\n"
         f"  audit + training start: {result['pipeline_two_passes_s']:.1f} s -> {result['pipeline_one_pass_s']:.1f} s "
         f"({result['saving_fraction']:.0%} less)\n"

@@ -16,6 +16,14 @@ from helpers import REPO, WORDS, make_pairs, subprocess_env  # noqa: E402
 from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def reference_store_dir(tmp_path_factory, monkeypatch):
+    """Each test gets an empty reference store (trl_cpo.reference_store), so no test reads another's entries."""
+    folder = tmp_path_factory.mktemp("reference-store")
+    monkeypatch.setenv("TRL_CPO_REFERENCE_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tiny_tokenizer(WORDS)

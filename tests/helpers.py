@@ -7,6 +7,7 @@ import importlib.util
 import os
 import random
 import socket
+import tempfile
 import sys
 from pathlib import Path
 
@@ -138,6 +139,9 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
     env.update(HF_HUB_DISABLE_TELEMETRY="1", WANDB_DISABLED="true", OMP_NUM_THREADS="1")
+    # Each launch gets an empty reference store: a 2-process run must compute its reference, not read the entry a
+    # 1-process run of the same test wrote (tests of the store share a folder on purpose, by setting it themselves).
+    env["TRL_CPO_REFERENCE_CACHE"] = tempfile.mkdtemp(prefix="reference-store-")
     return env
 
 

@@ -13,7 +13,7 @@ from helpers import WORDS, logp_by_hand, spaced_pairs
 import trl_cpo._margin_trainer as margin_trainer
 from trl_cpo import CPOConfig, CPOTrainer
 from trl_cpo.reference import ReferenceLogps
-from trl_cpo.reference_file import read_reference_logps
+from trl_cpo.reference_store import read_reference_logps
 from trl_cpo.report import ReferenceReport, reference_report, wilson_interval
 from trl_cpo.scripts import audit
 from trl_cpo.scripts.audit import analysis, data, plots, score

@@ -58,6 +58,11 @@ def one_pass_time():
     return _smoke("one_pass_time.py")
 
 
+@pytest.fixture(scope="module")
+def sweep_reference_time():
+    return _smoke("sweep_reference_time.py")
+
+
 def ratio(text: str, label: str) -> float:
     """The number after `label` on its line; it must be finite and positive."""
     match = re.search(rf"{re.escape(label)}\s*({NUMBER})", text)
@@ -109,7 +114,16 @@ def test_one_pass_time_smoke(one_pass_time):
     assert SKIPPED_86 in out.splitlines()
     assert "smoke run (not a measurement): 95 pairs, tiny Llama" in out
     ratio(out, "one pass / two passes (audit + training start):")
-    assert re.search(r"training start, reading the audit file +[0-9.]+ s +\(fingerprint [0-9.]+ s, no forward\)", out)
+    assert re.search(r"training start, from the audit's entry +[0-9.]+ s +\(fingerprint [0-9.]+ s, no forward\)", out)
+
+
+def test_sweep_reference_time_smoke(sweep_reference_time):
+    out = sweep_reference_time.stdout
+    assert_labelled(out)
+    ours = re.search(rf"CPOTrainer, cpo_gamma .*: reference passes +{NUMBER} s +\[(.*)\]", out).group(1)
+    first, *rest = (float(x) for x in ours.split(","))
+    assert len(rest) == 3 and all(x < first for x in rest)  # the first run computes, the others read the store
+    ratio(out, "sweep reference time, ours / TRL's:")
 
 
 def test_gpu_suite_smoke(gpu_suite_smoke):
@@ -123,7 +137,9 @@ def test_gpu_suite_smoke(gpu_suite_smoke):
         assert all(math.isfinite(x) and x > 0 for x in (time_vs_precomp, time_vs_live))
 
 
-@pytest.mark.parametrize("script", ["step_time", "precompute_time", "one_pass_time", "gpu_suite"])
+@pytest.mark.parametrize(
+    "script", ["step_time", "precompute_time", "one_pass_time", "sweep_reference_time", "gpu_suite"]
+)
 def test_no_bitsandbytes_probe_noise(script, request, monkeypatch):
     fixture = request.getfixturevalue("gpu_suite_smoke" if script == "gpu_suite" else script)
     proc = fixture[0] if script == "gpu_suite" else fixture
@@ -140,7 +156,9 @@ def test_no_bitsandbytes_probe_noise(script, request, monkeypatch):
     assert noisy == []
 
 
-def test_smoke_runs_write_nothing_under_results(step_time, precompute_time, one_pass_time, gpu_suite_smoke):
+def test_smoke_runs_write_nothing_under_results(
+    step_time, precompute_time, one_pass_time, sweep_reference_time, gpu_suite_smoke
+):
     assert sorted((p.name, p.stat().st_mtime_ns) for p in RESULTS.iterdir()) == RESULTS_BEFORE
 
 

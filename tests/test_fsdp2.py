@@ -38,7 +38,7 @@ import yaml
 from helpers import first_step_accuracy_is_roundoff, free_port, load_script, make_pairs, subprocess_env
 from safetensors.torch import load_file
 
-from trl_cpo.reference import REFERENCE_FILE
+from trl_cpo.reference_store import REFERENCE_FILE
 from trl_cpo.tiny import build_tiny_llama
 
 #: Launches several processes: in the 20x loop of issue 15 (`pytest -m multiprocess`).

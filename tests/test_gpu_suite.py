@@ -16,7 +16,7 @@ import pytest
 
 PARTS = {"step_time", "step_time_qlora", "qlora_lora_weights_move", "recipe_fsdp2", "recipe_zero3"}
 CUDA_ONLY = {"step_time_qlora", "recipe_fsdp2", "recipe_zero3"}
-TRAINERS = {"cpo", "ecpoc", "dpo_precomp", "dpo_live"}
+TRAINERS = {"cpo", "ecpoc", "cpo_live", "dpo_precomp", "dpo_live"}
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from helpers import cpu_args
 from safetensors.torch import save_file
 
 from trl_cpo import CPOConfig, CPOTrainer
-from trl_cpo.reference import (
+from trl_cpo.reference import ReferenceLogps
+from trl_cpo.reference_store import (
     REFERENCE_FILE,
     ReferenceFileError,
-    ReferenceLogps,
     load_reference_checkpoint,
     read_reference_metadata,
     save_reference_checkpoint,

@@ -20,7 +20,7 @@ from datasets import Dataset
 from helpers import cpu_args
 
 from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
-from trl_cpo.reference import REFERENCE_FILE, read_reference_metadata
+from trl_cpo.reference_store import REFERENCE_FILE, read_reference_metadata
 from trl_cpo.tiny import build_tiny_llama
 
 SAVE = dict(max_steps=2, save_strategy="steps", save_steps=2)

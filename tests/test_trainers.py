@@ -17,7 +17,7 @@ from trl import DPOConfig, DPOTrainer
 from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
 from trl_cpo.losses import cpo_loss, cpo_margin, dpo_loss
 from trl_cpo.metrics import U_FRACTION_ATOL, u_fraction
-from trl_cpo.reference import REFERENCE_FILE
+from trl_cpo.reference_store import REFERENCE_FILE
 from trl_cpo.tiny import build_tiny_llama, build_tiny_qwen2
 
 TRAJECTORY_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "grad_norm"]

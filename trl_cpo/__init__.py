@@ -29,11 +29,11 @@ _LAZY_NAMES = {
     "ECPOCTrainer": "ecpoc_trainer",
     "METHODS": "methods",
     "Method": "methods",
-    "ReferenceFileError": "reference",
+    "ReferenceFileError": "reference_store",
     "ReferenceLogps": "reference",
     "compute_reference_logps": "reference",
-    "load_reference_checkpoint": "reference",
-    "save_reference_checkpoint": "reference",
+    "load_reference_checkpoint": "reference_store",
+    "save_reference_checkpoint": "reference_store",
     "GammaRecommendation": "report",
     "ReferenceReport": "report",
     "recommend_cpo_gamma": "report",
@@ -86,12 +86,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names eagerly
     from .ecpoc_config import ECPOCConfig
     from .ecpoc_trainer import ECPOCTrainer
     from .methods import METHODS, Method
-    from .reference import (
-        ReferenceFileError,
-        ReferenceLogps,
-        compute_reference_logps,
-        load_reference_checkpoint,
-        save_reference_checkpoint,
-    )
+    from .reference import ReferenceLogps, compute_reference_logps
+    from .reference_store import ReferenceFileError, load_reference_checkpoint, save_reference_checkpoint
     from .report import GammaRecommendation, ReferenceReport, recommend_cpo_gamma, reference_report, wilson_interval
     from .report_callback import ReferenceReportCallback

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
 from .losses import check_beta
-from .reference_file import check_reference_logps_file
 
 logger = logging.getLogger("trl_cpo")
 
@@ -137,12 +137,50 @@ class _ReferenceMarginConfig(DPOConfig):
             "are still computed."
         },
     )
+    reference_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Look the precomputed reference log-probs up in the reference store before computing them, and "
+            "store them after (trl_cpo.reference_store): a sweep over beta, cpo_gamma or anything else that does not "
+            "change the reference pays the reference pass once. The key is the reference weights, the pairs' token "
+            "ids, max_length / truncation_mode and the precision. False: always compute, store nothing."
+        },
+    )
+    reference_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the reference store. Default: $TRL_CPO_REFERENCE_CACHE if set, else "
+            "trl_cpo/reference beside the Hugging Face datasets cache."
+        },
+    )
 
     def __post_init__(self):
         self._check_method_hyperparameters()
         validate_dpo_fields(self)
-        check_reference_logps_file(self.reference_logps_file)
+        _check_reference_paths(self)
         super().__post_init__()
 
     def _check_method_hyperparameters(self) -> None:
         raise NotImplementedError
+
+
+def _check_reference_paths(config) -> None:
+    """Config-time checks of the reference file and store settings (before any model loads)."""
+    path = config.reference_logps_file
+    if path is not None and (not isinstance(path, (str, os.PathLike)) or not str(path)):
+        raise ValueError(
+            f"reference_logps_file={path!r} is invalid: give the path of the reference_logps.safetensors that "
+            "`trl-cpo audit` wrote, or leave it unset."
+        )
+    if path is not None and not os.path.isfile(path):
+        raise ValueError(
+            f"reference_logps_file={str(path)!r} does not exist. Run `trl-cpo audit --config <this training config>` "
+            "first (it writes that file), or unset reference_logps_file to compute the reference in the trainer."
+        )
+    if not isinstance(config.reference_cache, bool):
+        raise ValueError(f"reference_cache={config.reference_cache!r} is invalid. Set it to True or False.")
+    folder = config.reference_cache_dir
+    if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(
+            f"reference_cache_dir={folder!r} is a file. Set it to a folder (created if missing), or leave it unset."
+        )

@@ -1,13 +1,18 @@
-"""A check, on the first optimizer step of each `train()` call, that training reaches every trainable parameter.
+"""A check, on the first optimizer step of each `train()` call, that training reaches the trainable parameters.
 
 A run whose trainable parameters get no gradient still "trains": the loss is logged, checkpoints are written, the
 process exits 0, and nothing has learned. The known cause is bitsandbytes' CPU inference repack of 4-bit layers
-(`trl_cpo.quantization`); others are a forward that detaches part of the model or parameters left trainable that take
-no part in the loss. The check runs once, after the backward passes of the first step and before `optimizer.step()`
-(the `on_pre_optimizer_step` callback event of `transformers.Trainer`), so it costs one pass over the gradients.
+(`trl_cpo.quantization`); others are a forward that detaches the model. These stop the run, as do non-finite
+gradients. Some trainable parameters without a gradient is normal for some models (a vision-language model never
+uses its vision tower's last layer, and not at all on text-only data; DPOTrainer trains them as they are), so that
+case is named in a warning and training goes on. The check runs once, after the backward passes of the first step and
+before `optimizer.step()` (the `on_pre_optimizer_step` callback event of `transformers.Trainer`), so it costs one
+pass over the gradients.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from transformers import TrainerCallback
@@ -16,6 +21,15 @@ from .quantization import repacked_4bit_layers
 
 #: How many parameter names an error lists before summarising the rest as a count.
 NAMES_SHOWN = 5
+
+logger = logging.getLogger(__name__)
+
+#: Why trainable parameters may get no gradient, and what to do.
+_NO_GRADIENT_CAUSES = (
+    "Likely causes: parameters that take no part in the loss (an unused head or tower: freeze them with "
+    "`requires_grad_(False)`), or a forward that cuts the graph (torch.no_grad, .detach(), a custom op without "
+    "a backward, gradient checkpointing on inputs that need no grad)."
+)
 
 
 def _names(names: list[str]) -> str:
@@ -33,8 +47,9 @@ def check_first_step_gradients(model: torch.nn.Module, *, inspect_grads: bool = 
     """Raise `RuntimeError` if the step about to be taken cannot train `model` as intended.
 
     Checks that no bitsandbytes 4-bit layer is in bitsandbytes' CPU inference layout (whose matmul has no backward) and,
-    if `inspect_grads`, that every parameter with `requires_grad` holds a gradient, finite if `check_finite`. The error
-    names the parameters (the first few and a count) and the likely cause.
+    if `inspect_grads`, that some parameter with `requires_grad` holds a gradient and that the gradients are finite (if
+    `check_finite`). Trainable parameters without a gradient, while others have one, are named in a warning. Messages
+    name the parameters (the first few and a count) and the likely cause.
     """
     repacked = repacked_4bit_layers(model)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -42,6 +57,15 @@ def check_first_step_gradients(model: torch.nn.Module, *, inspect_grads: bool = 
     non_finite = []
     if inspect_grads and check_finite:
         non_finite = [name for name, p in trainable if p.grad is not None and not _is_finite(p.grad)]
+    if missing and len(missing) < len(trainable) and not (repacked or non_finite):
+        logger.warning(
+            "%d of %d trainable parameters got no gradient on the first step and will not train: %s. %s",
+            len(missing),
+            len(trainable),
+            _names(missing),
+            _NO_GRADIENT_CAUSES,
+        )
+        return
     if not (repacked or missing or non_finite):
         return
     problems = []
@@ -64,11 +88,7 @@ def check_first_step_gradients(model: torch.nn.Module, *, inspect_grads: bool = 
             "docs/bitsandbytes-cpu-repack.md."
         )
     elif missing:
-        problems.append(
-            "Likely causes: parameters that take no part in the loss (an unused head or tower: freeze them with "
-            "`requires_grad_(False)`), or a forward that cuts the graph (torch.no_grad, .detach(), a custom op without "
-            "a backward, gradient checkpointing on inputs that need no grad)."
-        )
+        problems.append(_NO_GRADIENT_CAUSES)
     if non_finite and not missing and not repacked:
         problems.append(
             "Check the model's weights and dtype (fp16 overflows easily; use bf16 or fp32) and the learning setup."

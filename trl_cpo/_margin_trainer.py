@@ -13,10 +13,7 @@ metrics, is recomputed with DPO's meaning.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
-import os
+import logging
 from typing import Any
 
 import torch
@@ -24,80 +21,27 @@ from datasets import Dataset, IterableDataset
 from trl import DPOConfig, DPOTrainer
 
 from . import _trl_compat
-from ._config_utils import from_dpo_config, logger
+from ._config_utils import from_dpo_config
 from ._distributed import end_distributed_run
 from ._grad_check import FirstStepGradientCheck
-from .checkpoints import complete_checkpoint_problem, last_complete_checkpoint, write_after_trainer_state
-from .data import (
-    LengthReport,
-    describe_pair_difference,
-    fingerprint,
-    pair_digests,
-    pair_lengths,
-    token_lengths,
-    validate_preference_dataset,
-)
-from .logps import is_length_normalized, to_loss_space
+from .checkpoints import prepare_resume, save_reference, write_after_trainer_state
+from .data import LengthReport, pair_digests, prepare_with_length_report, validate_datasets
+from .fingerprint import reference_fingerprint
+from .logps import PolicyLogpsRecorder, is_length_normalized, to_loss_space
 from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import write_model_card
 from .quantization import keep_4bit_layers_trainable
-from .reference import (
-    REFERENCE_FILE,
-    ReferenceFileError,
-    ReferenceLogps,
-    checkpoint_reference_path,
-    compute_reference_logps,
-    load_reference_checkpoint,
-    read_reference_metadata,
-    save_reference_checkpoint,
-    with_columns,
-)
-from .reference_file import load_matching_reference_logps, reference_fingerprint
+from .reference import ReferenceLogps, compute_reference_logps, with_columns
 from .reference_source import RunningReference, resolve_precompute
+from .reference_store import ReferenceStore, load_matching_reference_logps
 from .report import ReferenceReport, reference_report
 from .report_callback import REPORT_MARKER, announce_report
 
+logger = logging.getLogger(__name__)
+
 #: Columns DPOTrainer reads its precomputed reference log-probs from (summed over completion tokens).
 REFERENCE_COLUMNS = _trl_compat.REFERENCE_COLUMNS
-#: Temporary column that tells which rows TRL's length filter kept (removed before the dataset is used).
-_ROW_COLUMN = "__trl_cpo_row__"
-
-
-class _PolicyLogpsRecorder:
-    """Keep the per-token log-probs of the policy's fused-head forward made inside `recording()`.
-
-    DPOTrainer reduces the policy log-probs to a scalar loss; the U-fraction and the DPO-meaning rewards need them per
-    pair. A forward hook on the outermost model sees the output of that one forward (DDP, FSDP and DeepSpeed call the
-    module through `__call__`), so no second forward is needed.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self._active = False
-        self.log_probs: torch.Tensor | None = None
-        self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs, output):
-        log_probs = _trl_compat.fused_head_log_probs(kwargs, output) if self._active else None
-        if log_probs is not None and self.log_probs is None:
-            self.log_probs = log_probs.detach()
-
-    @contextlib.contextmanager
-    def recording(self):
-        self._active, self.log_probs = True, None
-        try:
-            yield self
-        finally:
-            self._active = False
-
-    def sequence_logps(self, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.log_probs is None:
-            raise RuntimeError(
-                _trl_compat.ASSUMPTIONS["fused_lm_head"].broken("no fused-LM-head forward of the policy was seen")
-            )
-        # Same reduction as DPOTrainer without ld_alpha (rejected by the config): the fused head already zeroes
-        # non-completion positions, so a plain sum over the (shifted) sequence is the completion log-prob.
-        return _trl_compat.summed_completion_logps(self.log_probs, completion_mask)
 
 
 class _ReferenceMarginTrainer(DPOTrainer):
@@ -110,8 +54,11 @@ class _ReferenceMarginTrainer(DPOTrainer):
         self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None, **kwargs
     ):
         _trl_compat.check_dpo_trainer()
+        config = self._resolve_args(args, model)
+        #: Whether the user asked for the precompute (True) rather than letting the data decide (None).
+        self._precompute_asked = config.precompute_ref_log_probs is True
         args = resolve_precompute(
-            self._resolve_args(args, model),
+            config,
             train_dataset,
             eval_dataset,
             trainer_name=type(self).__name__,
@@ -122,7 +69,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
         if isinstance(model, torch.nn.Module):
             # Before DPOTrainer reads the model's state dict, which would silently "undo" a bitsandbytes CPU repack.
             keep_4bit_layers_trainable(model)
-        self._validate_datasets(train_dataset, eval_dataset)
+        validate_datasets(train_dataset, eval_dataset)
         #: What `max_length` dropped or truncated in each prepared dataset (`trl_cpo.data.LengthReport`), by name.
         self.length_reports: dict[str, LengthReport] = {}
         #: Reference log-probs of the train set and of each eval set (keyed like DPOTrainer names them: "eval", or
@@ -147,28 +94,15 @@ class _ReferenceMarginTrainer(DPOTrainer):
             eval_dataset=eval_dataset,
             **kwargs,
         )
-        self._policy_logps = _PolicyLogpsRecorder(self.model)
+        self._policy_logps = PolicyLogpsRecorder(self.model)
         # Under DeepSpeed and FSDP `.grad` does not hold a rank's full gradient: only the 4-bit layout is checked.
         self.add_callback(
             FirstStepGradientCheck(inspect_grads=not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
         )
 
-    @staticmethod
-    def _validate_datasets(train_dataset, eval_dataset) -> None:
-        """The raw-data checks of `trl_cpo.data` (shared with the audit), before TRL tokenizes anything."""
-        validate_preference_dataset(train_dataset, "train_dataset")
-        if isinstance(eval_dataset, dict):
-            for key, dataset in eval_dataset.items():
-                validate_preference_dataset(dataset, f"eval_dataset[{key!r}]")
-        elif isinstance(eval_dataset, Dataset) and not (
-            # Datasets this trainer prepared already passed (e.g. `evaluate(trainer.eval_dataset)`).
-            hasattr(eval_dataset, "column_names") and "prompt_ids" in eval_dataset.column_names
-        ):
-            validate_preference_dataset(eval_dataset, "eval_dataset")
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if eval_dataset is not None:
-            self._validate_datasets(None, eval_dataset)
+            validate_datasets(None, eval_dataset)
         return super().evaluate(
             eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
         )
@@ -176,42 +110,15 @@ class _ReferenceMarginTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # TRL's preparation, unchanged, plus the count of what `max_length` drops and truncates (`LengthReport`),
         # logged once per dataset; a dataset left empty is refused here rather than failing in the precompute.
+        prepare = super()._prepare_dataset
         if not isinstance(dataset, Dataset) or args.max_length is None or len(dataset) == 0:
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        indexed = dataset.add_column(_ROW_COLUMN, list(range(len(dataset))))
-        prepared = super()._prepare_dataset(indexed, processing_class, args, dataset_name)
-        kept = prepared[_ROW_COLUMN]
-        prepared = prepared.remove_columns(_ROW_COLUMN)
-        dropped = sorted(set(range(len(dataset))) - set(kept))
-        dropped_prompt_lengths, dropped_pair_lengths = [], []
-        if dropped:
-            # The dropped pairs' lengths, to say which max_length keeps them: the same preparation without the filter,
-            # on those pairs only.
-            unfiltered = copy.copy(args)
-            unfiltered.max_length = None
-            lost = super()._prepare_dataset(dataset.select(dropped), processing_class, unfiltered, dataset_name)
-            dropped_prompt_lengths = token_lengths(lost, "prompt_ids").tolist()
-            dropped_pair_lengths = pair_lengths(lost).tolist()
-        report = LengthReport(
-            name=self._dataset_label(dataset_name),
-            max_length=args.max_length,
-            num_pairs=len(dataset),
-            dropped_rows=dropped,
-            dropped_prompt_lengths=dropped_prompt_lengths,
-            dropped_pair_lengths=dropped_pair_lengths,
-            kept_pair_lengths=pair_lengths(prepared).tolist() if len(prepared) else [],
-        )
-        if len(prepared) == 0:
-            raise report.all_dropped_error()
+            return prepare(dataset, processing_class, args, dataset_name)
+        prepared, report = prepare_with_length_report(prepare, dataset, processing_class, args, dataset_name)
         message = report.message()
         if message and args.should_log and report != self.length_reports.get(dataset_name):
             logger.warning(message)
         self.length_reports[dataset_name] = report
         return prepared
-
-    @staticmethod
-    def _dataset_label(dataset_name: str) -> str:
-        return {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name, f"eval_dataset[{dataset_name!r}]")
 
     @classmethod
     def _resolve_args(cls, args, model):
@@ -245,8 +152,18 @@ class _ReferenceMarginTrainer(DPOTrainer):
         # Replaces DPOTrainer's precompute (same call sites: __init__ for the train set then each eval set, and
         # evaluate) with one that keeps the result in memory on every rank and adds the margin column.
         if isinstance(dataset, IterableDataset):
-            # Only reached with an explicit precompute_ref_log_probs=True: fail in TRL's own words.
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+            if self._precompute_asked:  # an explicit precompute_ref_log_probs=True: fail in TRL's own words
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            # A streamed set passed to `evaluate()` when the data let the run precompute: scored with the live
+            # reference, which exists while the policy is still the reference, or as a ref_model or PEFT base.
+            if self.state.global_step > 0 and self.ref_model is None and not _trl_compat.is_peft(self.model):
+                raise ValueError(
+                    f"Cannot score the streamed eval set {name!r} against the reference after training started: with "
+                    "full fine-tuning and no ref_model, the reference is not kept once its log-probs are precomputed. "
+                    "Pass it as eval_dataset when building the trainer, pass a ref_model, or materialize it "
+                    "(`Dataset.from_generator`) so it is precomputed before training."
+                )
+            return dataset
         # The precompute is an eval-mode, no-grad forward of the policy: keep bitsandbytes from repacking its 4-bit
         # layers into a CPU inference layout that cannot be trained afterwards.
         keep_4bit_layers_trainable(self.model)
@@ -255,17 +172,8 @@ class _ReferenceMarginTrainer(DPOTrainer):
         # scratch: its old columns must not reach the reference forward.
         stale = [c for c in REFERENCE_COLUMNS if c in dataset.column_names]
         dataset = dataset.remove_columns(stale) if stale else dataset
-        row_digests = pair_digests(dataset)  # binds checkpoints (and the audit's file) to these exact pairs
-        reference = None
-        if is_train and getattr(self.args, "reference_logps_file", None):
-            # One reference pass: the audit's file, if it was computed on these inputs (else a ValueError saying why).
-            reference = load_matching_reference_logps(
-                self.args.reference_logps_file, reference_fingerprint(self, dataset, row_digests)
-            )
-        if reference is None:
-            reference = compute_reference_logps(
-                self, dataset, batch_size=batch_size, desc=f"Computing reference margins for {name} dataset"
-            )
+        row_digests = pair_digests(dataset)  # binds checkpoints (and the store's entries) to these exact pairs
+        reference = self._stored_or_computed_reference(dataset, name, batch_size, row_digests, is_train)
         reference.row_digests = row_digests
         if is_train:
             self.train_reference_logps = reference
@@ -275,6 +183,30 @@ class _ReferenceMarginTrainer(DPOTrainer):
         else:
             self.eval_reference_logps[name] = reference
         return self._with_reference(dataset, reference)
+
+    def _stored_or_computed_reference(self, dataset, name, batch_size, row_digests, is_train) -> ReferenceLogps:
+        # The audit's file when `reference_logps_file` names it (refused, saying why, if it was computed on other
+        # inputs); else the reference store's entry for this fingerprint; else one reference pass, then stored.
+        if is_train and self.args.reference_logps_file:
+            fingerprint = reference_fingerprint(self, dataset, row_digests)
+            return load_matching_reference_logps(self.args.reference_logps_file, fingerprint)
+        store = ReferenceStore(self.args.reference_cache_dir) if self.args.reference_cache else None
+        fingerprint = reference_fingerprint(self, dataset, row_digests) if store is not None else None
+        found = store.lookup(fingerprint) if store is not None else None
+        # Every rank takes the same branch: the pass gathers over ranks.
+        flag = torch.tensor([0.0 if found is None else 1.0], device=self.accelerator.device)
+        if self.accelerator.gather(flag).min().item() == 1.0:
+            logger.info(
+                "Reference log-probs of %s (%d pairs) read from %s.", name, len(found), store.path(fingerprint)
+            )
+            return found
+        reference = compute_reference_logps(
+            self, dataset, batch_size=batch_size, desc=f"Computing reference log-probs for {name} dataset"
+        )
+        if store is not None and self.accelerator.is_main_process:
+            path = store.write(fingerprint, reference)
+            logger.info("Reference log-probs of %s (%d pairs) computed; stored in %s.", name, len(reference), path)
+        return reference
 
     @staticmethod
     def _with_reference(dataset, reference: ReferenceLogps):
@@ -422,44 +354,15 @@ class _ReferenceMarginTrainer(DPOTrainer):
             nonlocal written
             if not written:
                 written = True
-                self._save_reference_file(folder)
+                save_reference(self, folder)
 
         with write_after_trainer_state(self, folder, write_reference):
             super()._save_checkpoint(model, trial)
         write_reference()
 
-    def _save_reference_file(self, folder: str) -> None:
-        if self.args.should_save and self.train_reference_logps is not None and os.path.isdir(folder):
-            evals = {f"eval/{name}": reference for name, reference in self.eval_reference_logps.items()}
-            splits = {"train": self.train_reference_logps, **evals}
-            save_reference_checkpoint(folder, splits, metadata=self._reference_metadata(splits))
-
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint is True:
-            # Resolved here rather than by the Trainer, whose choice (the highest step) may be a folder a kill left
-            # incomplete: the newest complete one is taken, and the skipped ones are named.
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-        if not self.args.precompute_ref_log_probs:
-            # Live reference: the margins come from the reference at each step; no reference file to restore.
-            return super().train(resume_from_checkpoint, *args, **kwargs)
-        if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
-            problem = complete_checkpoint_problem(resume_from_checkpoint)
-            if problem is not None:
-                raise ValueError(
-                    f"Cannot resume from {resume_from_checkpoint}: {problem}. Pass an earlier checkpoint, or "
-                    "resume_from_checkpoint=True, which takes the newest complete one."
-                )
-            if os.path.isfile(checkpoint_reference_path(resume_from_checkpoint)):
-                self._restore_reference(resume_from_checkpoint)
-            else:
-                logger.warning(
-                    "Checkpoint %s has no %s (its save was interrupted just before that last file, or it was "
-                    "deleted): the reference log-probs are recomputed from the model given to this trainer, and "
-                    "the pairs cannot be checked against the checkpoint's. Pass the model the run started from to "
-                    "get the same margins.",
-                    resume_from_checkpoint,
-                    REFERENCE_FILE,
-                )
+        # `True` means the newest complete checkpoint; a precomputed run takes back the checkpoint's reference.
+        resume_from_checkpoint = prepare_resume(self, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _margin_settings(self) -> dict[str, object]:
@@ -478,105 +381,8 @@ class _ReferenceMarginTrainer(DPOTrainer):
             **self.method.settings(self.args),
         }
 
-    def _reference_metadata(self, splits: dict[str, ReferenceLogps]) -> dict[str, object]:
-        return {
-            "method": self.method.name,
-            "settings": self.method.settings(self.args),
-            "margin_settings": self._margin_settings(),
-            "fingerprints": {
-                name: fingerprint(reference.row_digests)
-                for name, reference in splits.items()
-                if reference.row_digests is not None
-            },
-        }
-
-    def _check_checkpoint_binding(self, checkpoint: str, saved: ReferenceLogps, metadata: dict) -> None:
-        """Refuse a resume whose train pairs (token ids, order) or margin settings differ from the checkpoint's."""
-        current = self.train_reference_logps
-        problems = []
-        if saved.row_digests is not None and current.row_digests is not None:
-            difference = describe_pair_difference(saved.row_digests, current.row_digests)
-        else:
-            logger.warning(
-                "Checkpoint %s predates data fingerprints: only the number of pairs and their completion lengths can "
-                "be compared with this train_dataset.",
-                checkpoint,
-            )
-            difference = (
-                None
-                if saved.same_pairs(current)
-                else (f"trained on {len(saved)} pairs whose completion lengths differ from these {len(current)}")
-            )
-        if difference:
-            problems.append(f"data: {difference} (pairs counted after TRL's tokenization and max_length filter)")
-        saved_settings = metadata.get("margin_settings")
-        if isinstance(saved_settings, dict):
-            now = json.loads(json.dumps(self._margin_settings()))  # the form the file stores (tuples become lists)
-            changed = [
-                f"{key}: {saved_settings[key]!r} in the checkpoint, {now[key]!r} now"
-                for key in now
-                if key in saved_settings and saved_settings[key] != now[key]
-            ]
-            if changed:
-                problems.append("margin settings: " + "; ".join(changed))
-        if problems:
-            raise ValueError(
-                f"Cannot resume from {checkpoint}: its reference margins belong to another run. "
-                + " ".join(f"[{problem}]" for problem in problems)
-                + ". Resuming would apply the checkpoint's per-pair margins to other pairs or under other settings. "
-                "To proceed, either resume with the same training data (the same rows in the same order, tokenizer "
-                "and max_length) and the same margin settings as the run that wrote the checkpoint, or start a new "
-                "run: drop resume_from_checkpoint, or use another output_dir."
-            )
-
-    def _restore_reference(self, checkpoint: str) -> None:
-        """Train (and evaluate) against the reference log-probs the checkpoint was trained with."""
-        saved = load_reference_checkpoint(checkpoint)
-        metadata = read_reference_metadata(checkpoint)
-        if "train" not in saved:
-            raise ReferenceFileError(
-                checkpoint_reference_path(checkpoint), f"it holds no 'train' split (its splits: {list(saved)})"
-            )
-        train = saved.pop("train")
-        current = self.train_reference_logps
-        self._check_checkpoint_binding(checkpoint, train, metadata)
-        self._restore_chosen_settings(metadata.get("settings", {}), checkpoint)
-        drift = max((train.chosen - current.chosen).abs().max(), (train.rejected - current.rejected).abs().max())
-        if drift > 1e-4:
-            logger.warning(
-                "The reference rebuilt for this run differs from the one the checkpoint was trained against (max "
-                "log-prob difference %.3g); resuming with the checkpoint's reference log-probs and margins.",
-                drift.item(),
-            )
-        self.train_reference_logps = train
-        self.reference_report = self._report(train)
-        self.train_dataset = self._with_reference(self.train_dataset, train)
-        for key, reference in saved.items():
-            name = key.removeprefix("eval/")
-            dataset, current = self._eval_dataset_named(name), self.eval_reference_logps.get(name)
-            if dataset is None or current is None or not reference.same_pairs(current):
-                logger.warning("Eval set %r of the checkpoint is not among this trainer's; left as computed.", name)
-                continue
-            self.eval_reference_logps[name] = reference
-        # Every eval set gets margins from the restored reference and settings (a cpo_gamma chosen by cpo_auto_gamma).
-        for name, reference in self.eval_reference_logps.items():
-            dataset = self._eval_dataset_named(name)
-            if dataset is not None:
-                self._set_eval_dataset_named(name, self._with_reference(dataset, reference))
-
     def _restore_chosen_settings(self, saved_settings: dict, checkpoint: str) -> None:
         """Take back settings the run chose from its data (CPO's `cpo_auto_gamma`); see `CPOTrainer`."""
-
-    def _eval_dataset_named(self, name: str):
-        if isinstance(self.eval_dataset, dict):
-            return self.eval_dataset.get(name)
-        return self.eval_dataset if name == "eval" else None
-
-    def _set_eval_dataset_named(self, name: str, dataset) -> None:
-        if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {**self.eval_dataset, name: dataset}
-        else:
-            self.eval_dataset = dataset
 
     def end(self):
         """Finish the trackers and destroy the process group, as `Trainer.end`, without the gloo teardown deadlock

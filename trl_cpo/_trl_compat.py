@@ -100,7 +100,7 @@ ASSUMPTIONS: dict[str, Assumption] = {
             "carries those columns",
             (
                 "trl_cpo.reference.compute_reference_logps",
-                "trl_cpo.reference_file.data_digest",
+                "trl_cpo.fingerprint.data_digest",
                 "trl_cpo.scripts.audit.score.score",
             ),
             f"{_DPO}:DPOTrainer._prepare_dataset",
@@ -334,6 +334,13 @@ def summed_completion_logps(
 def reference_logps(trainer, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed reference log-probs of `batch`: `DPOTrainer.compute_ref_log_probs(model, batch)`."""
     return trainer.compute_ref_log_probs(model, batch)
+
+
+def is_peft(model) -> bool:
+    """`trl.models.utils.is_peft_model`-equivalent: whether `model` (or the model it wraps) is a PEFT model."""
+    from peft import PeftModel
+
+    return isinstance(getattr(model, "module", model), PeftModel)
 
 
 @contextlib.contextmanager

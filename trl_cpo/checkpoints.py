@@ -12,16 +12,32 @@ so:
   incomplete ones it skipped, instead of failing on (or silently restarting from) a folder a kill left half written;
 - a complete folder without the reference file is a kill in the instant between the state and that file (or a file
   the user deleted): it resumes with the reference recomputed from the model, with a warning.
+
+The second half binds a checkpoint's reference file to its run (`reference_metadata`, written with the file) and
+restores it on resume (`restore_reference`), refusing another run's data or margin settings
+(`check_checkpoint_binding`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
 
-from ._config_utils import logger
+from .data import describe_pair_difference, fingerprint
+from .reference import ReferenceLogps
+from .reference_store import (
+    REFERENCE_FILE,
+    ReferenceFileError,
+    checkpoint_reference_path,
+    load_reference_file,
+    save_reference_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
 
 #: Written by `transformers.Trainer` after the model and optimizer files (`transformers.trainer.TRAINER_STATE_NAME`).
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -130,3 +146,147 @@ def write_after_trainer_state(trainer, folder: str, write: Callable[[], None]) -
             del state.save_to_json
         else:
             state.save_to_json = own
+
+
+# -- a checkpoint's reference, bound to its run ------------------------------------------------------------------------
+
+
+def reference_metadata(trainer, splits: dict[str, ReferenceLogps]) -> dict[str, object]:
+    """What binds a checkpoint's reference file to its run: the method, its settings, the margin settings, and a
+    fingerprint of each split's pairs."""
+    return {
+        "method": trainer.method.name,
+        "settings": trainer.method.settings(trainer.args),
+        "margin_settings": trainer._margin_settings(),
+        "fingerprints": {
+            name: fingerprint(reference.row_digests)
+            for name, reference in splits.items()
+            if reference.row_digests is not None
+        },
+    }
+
+
+def check_checkpoint_binding(trainer, checkpoint: str, saved: ReferenceLogps, metadata: dict) -> None:
+    """Refuse a resume whose train pairs (token ids, order) or margin settings differ from the checkpoint's."""
+    current = trainer.train_reference_logps
+    problems = []
+    if saved.row_digests is not None and current.row_digests is not None:
+        difference = describe_pair_difference(saved.row_digests, current.row_digests)
+    else:
+        logger.warning(
+            "Checkpoint %s predates data fingerprints: only the number of pairs and their completion lengths can "
+            "be compared with this train_dataset.",
+            checkpoint,
+        )
+        difference = (
+            None
+            if saved.same_pairs(current)
+            else (f"trained on {len(saved)} pairs whose completion lengths differ from these {len(current)}")
+        )
+    if difference:
+        problems.append(f"data: {difference} (pairs counted after TRL's tokenization and max_length filter)")
+    saved_settings = metadata.get("margin_settings")
+    if isinstance(saved_settings, dict):
+        now = json.loads(json.dumps(trainer._margin_settings()))  # the form the file stores (tuples become lists)
+        changed = [
+            f"{key}: {saved_settings[key]!r} in the checkpoint, {now[key]!r} now"
+            for key in now
+            if key in saved_settings and saved_settings[key] != now[key]
+        ]
+        if changed:
+            problems.append("margin settings: " + "; ".join(changed))
+    if problems:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: its reference margins belong to another run. "
+            + " ".join(f"[{problem}]" for problem in problems)
+            + ". Resuming would apply the checkpoint's per-pair margins to other pairs or under other settings. "
+            "To proceed, either resume with the same training data (the same rows in the same order, tokenizer "
+            "and max_length) and the same margin settings as the run that wrote the checkpoint, or start a new "
+            "run: drop resume_from_checkpoint, or use another output_dir."
+        )
+
+
+def restore_reference(trainer, checkpoint: str) -> None:
+    """Train (and evaluate) against the reference log-probs the checkpoint was trained with."""
+    saved, metadata = load_reference_file(checkpoint_reference_path(checkpoint))
+    if "train" not in saved:
+        raise ReferenceFileError(
+            checkpoint_reference_path(checkpoint), f"it holds no 'train' split (its splits: {list(saved)})"
+        )
+    train = saved.pop("train")
+    current = trainer.train_reference_logps
+    check_checkpoint_binding(trainer, checkpoint, train, metadata)
+    trainer._restore_chosen_settings(metadata.get("settings", {}), checkpoint)
+    drift = max((train.chosen - current.chosen).abs().max(), (train.rejected - current.rejected).abs().max())
+    if drift > 1e-4:
+        logger.warning(
+            "The reference rebuilt for this run differs from the one the checkpoint was trained against (max "
+            "log-prob difference %.3g); resuming with the checkpoint's reference log-probs and margins.",
+            drift.item(),
+        )
+    trainer.train_reference_logps = train
+    trainer.reference_report = trainer._report(train)
+    trainer.train_dataset = trainer._with_reference(trainer.train_dataset, train)
+    for key, reference in saved.items():
+        name = key.removeprefix("eval/")
+        dataset, current = eval_dataset_named(trainer, name), trainer.eval_reference_logps.get(name)
+        if dataset is None or current is None or not reference.same_pairs(current):
+            logger.warning("Eval set %r of the checkpoint is not among this trainer's; left as computed.", name)
+            continue
+        trainer.eval_reference_logps[name] = reference
+    # Every eval set gets margins from the restored reference and settings (a cpo_gamma chosen by cpo_auto_gamma).
+    for name, reference in trainer.eval_reference_logps.items():
+        dataset = eval_dataset_named(trainer, name)
+        if dataset is not None:
+            set_eval_dataset_named(trainer, name, trainer._with_reference(dataset, reference))
+
+
+def eval_dataset_named(trainer, name: str):
+    if isinstance(trainer.eval_dataset, dict):
+        return trainer.eval_dataset.get(name)
+    return trainer.eval_dataset if name == "eval" else None
+
+
+def set_eval_dataset_named(trainer, name: str, dataset) -> None:
+    if isinstance(trainer.eval_dataset, dict):
+        trainer.eval_dataset = {**trainer.eval_dataset, name: dataset}
+    else:
+        trainer.eval_dataset = dataset
+
+
+def save_reference(trainer, folder: str) -> None:
+    if trainer.args.should_save and trainer.train_reference_logps is not None and os.path.isdir(folder):
+        evals = {f"eval/{name}": reference for name, reference in trainer.eval_reference_logps.items()}
+        splits = {"train": trainer.train_reference_logps, **evals}
+        save_reference_checkpoint(folder, splits, metadata=reference_metadata(trainer, splits))
+
+
+def prepare_resume(trainer, resume_from_checkpoint):
+    """The checkpoint `train(resume_from_checkpoint=...)` resumes from (`True`: the newest complete one, the skipped
+    ones named), with the trainer set to train against that checkpoint's reference (`restore_reference`)."""
+    if resume_from_checkpoint is True:
+        # Resolved here rather than by the Trainer, whose choice (the highest step) may be a folder a kill left
+        # incomplete: the newest complete one is taken, and the skipped ones are named.
+        resume_from_checkpoint = last_complete_checkpoint(trainer.args.output_dir)
+    if not trainer.args.precompute_ref_log_probs:
+        # Live reference: the margins come from the reference at each step; no reference file to restore.
+        return resume_from_checkpoint
+    if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
+        problem = complete_checkpoint_problem(resume_from_checkpoint)
+        if problem is not None:
+            raise ValueError(
+                f"Cannot resume from {resume_from_checkpoint}: {problem}. Pass an earlier checkpoint, or "
+                "resume_from_checkpoint=True, which takes the newest complete one."
+            )
+        if os.path.isfile(checkpoint_reference_path(resume_from_checkpoint)):
+            restore_reference(trainer, resume_from_checkpoint)
+        else:
+            logger.warning(
+                "Checkpoint %s has no %s (its save was interrupted just before that last file, or it was "
+                "deleted): the reference log-probs are recomputed from the model given to this trainer, and "
+                "the pairs cannot be checked against the checkpoint's. Pass the model the run started from to "
+                "get the same margins.",
+                resume_from_checkpoint,
+                REFERENCE_FILE,
+            )
+    return resume_from_checkpoint

@@ -317,3 +317,57 @@ class LengthReport:
             f"{self.name}: " + "; ".join(parts) + f". max_length={self.whole_length} keeps every pair whole. The "
             "reference margins and the training loss see only what is left."
         )
+
+
+#: Temporary column that tells which rows TRL's length filter kept (removed before the dataset is used).
+_ROW_COLUMN = "__trl_cpo_row__"
+
+
+def prepare_with_length_report(prepare, dataset, processing_class, args, dataset_name: str):
+    """(prepared dataset, `LengthReport`): TRL's preparation (`prepare`, DPOTrainer._prepare_dataset) of `dataset`
+    unchanged, plus the count of the pairs `max_length` drops and truncates. Raises the report's error when no pair
+    is left. `dataset` is a non-empty map-style Dataset and `args.max_length` is set."""
+    import copy
+
+    indexed = dataset.add_column(_ROW_COLUMN, list(range(len(dataset))))
+    prepared = prepare(indexed, processing_class, args, dataset_name)
+    kept = prepared[_ROW_COLUMN]
+    prepared = prepared.remove_columns(_ROW_COLUMN)
+    dropped = sorted(set(range(len(dataset))) - set(kept))
+    dropped_prompt_lengths, dropped_pair_lengths = [], []
+    if dropped:
+        # The dropped pairs' lengths, to say which max_length keeps them: the same preparation without the filter, on
+        # those pairs only.
+        unfiltered = copy.copy(args)
+        unfiltered.max_length = None
+        lost = prepare(dataset.select(dropped), processing_class, unfiltered, dataset_name)
+        dropped_prompt_lengths = token_lengths(lost, "prompt_ids").tolist()
+        dropped_pair_lengths = pair_lengths(lost).tolist()
+    label = {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name, f"eval_dataset[{dataset_name!r}]")
+    report = LengthReport(
+        name=label,
+        max_length=args.max_length,
+        num_pairs=len(dataset),
+        dropped_rows=dropped,
+        dropped_prompt_lengths=dropped_prompt_lengths,
+        dropped_pair_lengths=dropped_pair_lengths,
+        kept_pair_lengths=pair_lengths(prepared).tolist() if len(prepared) else [],
+    )
+    if len(prepared) == 0:
+        raise report.all_dropped_error()
+    return prepared, report
+
+
+def validate_datasets(train_dataset, eval_dataset) -> None:
+    """`validate_preference_dataset` on a trainer's train set and each eval set, before TRL tokenizes anything."""
+    from datasets import Dataset
+
+    validate_preference_dataset(train_dataset, "train_dataset")
+    if isinstance(eval_dataset, dict):
+        for key, dataset in eval_dataset.items():
+            validate_preference_dataset(dataset, f"eval_dataset[{key!r}]")
+    elif isinstance(eval_dataset, Dataset) and not (
+        # Datasets this trainer prepared already passed (e.g. `evaluate(trainer.eval_dataset)`).
+        hasattr(eval_dataset, "column_names") and "prompt_ids" in eval_dataset.column_names
+    ):
+        validate_preference_dataset(eval_dataset, "eval_dataset")

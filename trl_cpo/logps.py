@@ -7,9 +7,12 @@ the one place that count and that conversion are made.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
+
+from . import _trl_compat
 
 #: The `loss_type` entry that runs the preference term on per-token averaged log-probs.
 LENGTH_NORMALIZED_LOSS = "sigmoid_norm"
@@ -46,3 +49,39 @@ def to_loss_space(
     if not length_normalized:
         return chosen_logps.float(), rejected_logps.float()
     return per_token(chosen_logps, chosen_lengths), per_token(rejected_logps, rejected_lengths)
+
+
+class PolicyLogpsRecorder:
+    """Keep the per-token log-probs of the policy's fused-head forward made inside `recording()`.
+
+    DPOTrainer reduces the policy log-probs to a scalar loss; the U-fraction and the DPO-meaning rewards need them per
+    pair. A forward hook on the outermost model sees the output of that one forward (DDP, FSDP and DeepSpeed call the
+    module through `__call__`), so no second forward is needed.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self._active = False
+        self.log_probs: torch.Tensor | None = None
+        self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        log_probs = _trl_compat.fused_head_log_probs(kwargs, output) if self._active else None
+        if log_probs is not None and self.log_probs is None:
+            self.log_probs = log_probs.detach()
+
+    @contextlib.contextmanager
+    def recording(self):
+        self._active, self.log_probs = True, None
+        try:
+            yield self
+        finally:
+            self._active = False
+
+    def sequence_logps(self, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.log_probs is None:
+            raise RuntimeError(
+                _trl_compat.ASSUMPTIONS["fused_lm_head"].broken("no fused-LM-head forward of the policy was seen")
+            )
+        # Same reduction as DPOTrainer without ld_alpha (rejected by the config): the fused head already zeroes
+        # non-completion positions, so a plain sum over the (shifted) sequence is the completion log-prob.
+        return _trl_compat.summed_completion_logps(self.log_probs, completion_mask)

@@ -32,7 +32,7 @@ __all__ = ["AuditError", "USER_ERROR", "main", "run_audit"]
 def run_audit(settings: AuditSettings) -> dict:
     """Load the train split, run the precompute through the trainer, and write the audit; return `audit.json`'s
     payload."""
-    from trl_cpo.reference_file import save_reference_logps
+    from trl_cpo.reference_store import save_reference_logps
     from trl_cpo.report import reference_report
 
     from . import output, plots

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, TrlParser
 
 from trl_cpo.methods import Method
-from trl_cpo.reference_file import DEFAULT_FILE_NAME
+from trl_cpo.reference_store import DEFAULT_FILE_NAME
 from trl_cpo.scripts.train import METHODS as AUDIT_METHODS
 from trl_cpo.scripts.train import TRAINERS, CPORecipeConfig, CPOScriptArguments, to_trainer_config
 

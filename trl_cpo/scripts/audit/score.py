@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trl_cpo import _trl_compat
+from trl_cpo.fingerprint import ReferenceFingerprint, reference_fingerprint
 from trl_cpo.reference import ReferenceLogps
-from trl_cpo.reference_file import ReferenceFingerprint, reference_fingerprint
 from trl_cpo.scripts.train import TRAINERS, set_model_init_kwargs
 
 from .args import AuditError, AuditSettings

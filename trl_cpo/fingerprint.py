@@ -1,25 +1,21 @@
-"""One reference pass: the train set's reference log-probs written by `trl-cpo audit` and read back by the trainers.
+"""What decides a set of reference log-probs: the key of the reference store (`trl_cpo.reference_store`).
 
-An audit runs the frozen reference over every training pair; so does the trainers' precompute. With
-`reference_logps_file` set in `CPOConfig` / `ECPOCConfig`, a trainer reads the audit's file instead of running the
-reference again, when the file was computed on the same inputs, and refuses it otherwise. "Same inputs" is checked
-with a fingerprint, one digest per component so an error can name what differs:
+The reference's per-pair log-probs depend on the reference weights, the token ids of every pair, the truncation that
+decides which of those tokens are scored, and the precision of the forward. The fingerprint holds one digest or value
+per component, so an error can name what differs; nothing that does not change the reference (beta, the method's
+settings, the learning rate, the output folder) is in it, so a sweep over those reuses one stored reference.
 
 - `model`: the reference's config (less bookkeeping keys such as `_name_or_path`) and the name, shape and dtype of
   every parameter. Under PEFT the reference is the base model with its adapter disabled, so adapter parameters are
   left out and `base_layer` / `original_module` names are read as the base model's;
 - `model_weights`: a digest of a fixed sample of each parameter's values (up to `WEIGHT_SAMPLE` evenly spaced
   elements per tensor: cheap on an 8B model, and any fine-tune changes the sampled values); `None` when parameters
-  are partitioned (DeepSpeed ZeRO-3), in which case weights are not compared (the structure still is);
-- `tokenizer`: the tokenizer's serialized vocabulary and rules, chat template and special tokens;
+  are partitioned (DeepSpeed ZeRO-3), in which case the store is not used;
 - `data`: the tokenized pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`, in dataset order) after TRL's preparation,
-  so another dataset, order, subset, chat template or tokenizer shows up here;
-- `max_length` and `truncation_mode`: TRL truncates in the collator, after tokenization, so they are compared as
-  values.
-
-The file is a safetensors file with the four tensors of `trl_cpo.reference.ReferenceLogps` (summed log-probs and
-completion lengths, float32) and JSON metadata (`format`, `version`, `fingerprint`, `info`). Only the train set is
-covered: eval sets are still computed by the trainer.
+  from the per-pair digests (`trl_cpo.data.pair_digests`): another dataset, order, subset, chat template or tokenizer
+  shows up here;
+- `max_length`, `truncation_mode`: TRL truncates in the collator, after tokenization;
+- `precision`: the mixed precision the forward runs under (`bf16` / `fp16` autocast, or none).
 """
 
 from __future__ import annotations
@@ -27,23 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING
 
 import torch
 
 from . import _trl_compat
 
-if TYPE_CHECKING:  # imported where used, so that importing the configs stays light
-    from .reference import ReferenceLogps
-
-#: `format` written into the file's metadata, checked on read.
-FORMAT = "trl_cpo.reference_logps"
-#: Version of the file layout, checked on read.
-VERSION = 1
-#: File name `trl-cpo audit` writes into its output folder unless `reference_logps_file` names another path.
-DEFAULT_FILE_NAME = "reference_logps.safetensors"
 #: Parameter values sampled per tensor for the `model_weights` digest.
 WEIGHT_SAMPLE = 1024
 #: Config keys that do not change what the reference computes.
@@ -63,12 +48,23 @@ class ReferenceFingerprint:
     num_pairs: int
     max_length: int | None
     truncation_mode: str
+    precision: str = "fp32"
     #: Descriptive only (named in error messages, not compared): where the model came from, and its dtype.
     model_name_or_path: str = ""
     dtype: str = ""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def key(self) -> str | None:
+        """The store key: a digest of what decides the reference log-probs (not the tokenizer's own digest, whose
+        effect is in the token ids, nor the descriptive fields). None when the weights cannot be read (ZeRO-3)."""
+        if self.model_weights is None:
+            return None
+        parts = (self.model, self.model_weights, self.data, self.num_pairs, self.max_length, self.truncation_mode)
+        digest = _digest()
+        digest.update(json.dumps([*parts, self.precision]).encode())
+        return digest.hexdigest()
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> ReferenceFingerprint:
@@ -168,9 +164,15 @@ def reference_fingerprint(trainer, dataset, row_digests=None) -> ReferenceFinger
         num_pairs=len(dataset),
         max_length=trainer.args.max_length,
         truncation_mode=trainer.args.truncation_mode,
+        precision=precision(trainer.args),
         model_name_or_path=str(getattr(model.config, "_name_or_path", "") or ""),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
+
+
+def precision(args) -> str:
+    """The mixed precision the reference forward runs under: 'bf16', 'fp16' (autocast) or 'fp32' (none)."""
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
 def mismatches(saved: ReferenceFingerprint, current: ReferenceFingerprint) -> list[str]:
@@ -189,6 +191,8 @@ def mismatches(saved: ReferenceFingerprint, current: ReferenceFingerprint) -> li
         )
     if saved.tokenizer != current.tokenizer:
         found.append("tokenizer")
+    if saved.precision != current.precision:
+        found.append(f"precision (file: {saved.precision}; this run: {current.precision})")
     if saved.max_length != current.max_length or saved.truncation_mode != current.truncation_mode:
         found.append(
             f"max_length (file: {saved.max_length}, {saved.truncation_mode}; this run: {current.max_length}, "
@@ -202,84 +206,3 @@ def mismatches(saved: ReferenceFingerprint, current: ReferenceFingerprint) -> li
         )
         found.append(f"data ({count})")
     return found
-
-
-def save_reference_logps(
-    path: str, reference: ReferenceLogps, fingerprint: ReferenceFingerprint, info: dict | None = None
-) -> None:
-    """Write `reference` with its fingerprint to `path` (atomically: a reader never sees half a file)."""
-    from safetensors.torch import save_file
-
-    from .reference import ReferenceLogps
-
-    tensors = {f.name: getattr(reference, f.name).float().contiguous().cpu() for f in fields(ReferenceLogps)}
-    metadata = {
-        "format": FORMAT,
-        "version": str(VERSION),
-        "fingerprint": json.dumps(fingerprint.to_dict()),
-        "info": json.dumps(info or {}, default=str),
-    }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = f"{path}.partial-{os.getpid()}"
-    save_file(tensors, partial, metadata=metadata)
-    os.replace(partial, path)
-
-
-def read_reference_logps(path: str) -> tuple[ReferenceLogps, ReferenceFingerprint, dict]:
-    """(reference log-probs, fingerprint, info) from a file `save_reference_logps` wrote; `ValueError` otherwise."""
-    from safetensors import SafetensorError, safe_open
-
-    from .reference import ReferenceLogps
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"reference_logps_file={path!r} is not a readable safetensors file ({error}). Point it at the "
-            f"{DEFAULT_FILE_NAME} that `trl-cpo audit` wrote."
-        ) from None
-    if metadata.get("format") != FORMAT or metadata.get("version") != str(VERSION):
-        raise ValueError(
-            f"reference_logps_file={path!r} is not a trl-cpo reference log-probs file of version {VERSION} (format "
-            f"{metadata.get('format')!r}, version {metadata.get('version')!r}). Recompute it with `trl-cpo audit`."
-        )
-    reference = ReferenceLogps(**{f.name: tensors[f.name] for f in fields(ReferenceLogps)})
-    fingerprint = ReferenceFingerprint.from_dict(json.loads(metadata["fingerprint"]))
-    return reference, fingerprint, json.loads(metadata.get("info", "{}"))
-
-
-def load_matching_reference_logps(path: str, expected: ReferenceFingerprint) -> ReferenceLogps:
-    """The reference log-probs in `path` if their fingerprint matches `expected`; `ValueError` naming what differs."""
-    reference, saved, _ = read_reference_logps(path)
-    differ = mismatches(saved, expected)
-    if differ:
-        raise ValueError(
-            f"reference_logps_file={path!r} was computed on other inputs than this run's train set: "
-            f"{'; '.join(differ)} differ. Recompute it with `trl-cpo audit --config <this training config>` "
-            "(it writes the file), or unset reference_logps_file to run the reference here."
-        )
-    if len(reference) != expected.num_pairs:
-        raise ValueError(
-            f"reference_logps_file={path!r} holds {len(reference)} pairs but its fingerprint says "
-            f"{saved.num_pairs}: the file is damaged. Recompute it with `trl-cpo audit`."
-        )
-    return reference
-
-
-def check_reference_logps_file(path: str | None) -> None:
-    """Config-time check of `reference_logps_file` (before any model loads): a path to an existing file, or None."""
-    if path is None:
-        return
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise ValueError(
-            f"reference_logps_file={path!r} is invalid: give the path of the {DEFAULT_FILE_NAME} that `trl-cpo audit` "
-            "wrote, or leave it unset."
-        )
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"reference_logps_file={str(path)!r} does not exist. Run `trl-cpo audit --config <this training config>` "
-            "first (it writes that file), or unset reference_logps_file to compute the reference in the trainer."
-        )
