@@ -1,7 +1,7 @@
 """The documentation: its runnable code blocks run, and the site builds with `mkdocs build --strict`.
 
-Convention for documentation authors: every ```python block in docs/*.md is preceded by a marker line, an HTML comment
-that the site does not show (`test_every_python_block_is_marked` fails on an unmarked block):
+Convention for documentation authors: every ```python block in README.md and docs/*.md is preceded by a marker line, an
+HTML comment that neither GitHub nor the site shows (`test_every_python_block_is_marked` fails on an unmarked block):
 
     <!-- test: run -->                 executed here, offline, on CPU (use trl_cpo.tiny models)
     <!-- test: skip (reason) -->       shown only (downloads a model, needs a GPU, ...)
@@ -19,14 +19,15 @@ import pytest
 from helpers import REPO
 
 DOCS = REPO / "docs"
+README = REPO / "README.md"
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 MARKER = re.compile(r"<!--\s*test:\s*(run|skip)\b[^>]*-->\s*$")
 
 
 def python_blocks():
-    """(page, line, marker or None, code) for every ```python block in docs/*.md."""
+    """(page, line, marker or None, code) for every ```python block in README.md and docs/*.md."""
     blocks = []
-    for page in sorted(DOCS.glob("*.md")):
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
         text = page.read_text(encoding="utf-8")
         for match in FENCE.finditer(text):
             before = text[: match.start()].rstrip("\n").splitlines()
@@ -46,6 +47,16 @@ def test_every_python_block_is_marked():
         f"python blocks without a '<!-- test: run -->' or '<!-- test: skip -->' line above: {unmarked}"
     )
     assert len(RUNNABLE) >= 5
+
+
+def test_readme_swap_snippet_is_run():
+    """The README's first code block is the swap on a plain DPOConfig, and it is one of the blocks run below."""
+    readme = [(marker, code) for page, _, marker, code in BLOCKS if page == README.name]
+    assert readme, "README.md has no python block"
+    marker, code = readme[0]
+    assert marker == "run", "the README's first python block must be marked '<!-- test: run -->'"
+    assert "from trl_cpo import CPOTrainer" in code and "DPOConfig(" in code and "CPOTrainer(" in code
+    assert "trainer.train()" in code
 
 
 @pytest.mark.parametrize("code", RUNNABLE)
