@@ -7,8 +7,8 @@ import importlib.util
 import os
 import random
 import socket
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
