@@ -40,6 +40,7 @@ from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, ScriptArguments, T
 from trl_cpo import _trl_compat
 from trl_cpo.cpo_config import CPOConfig
 from trl_cpo.cpo_trainer import CPOTrainer
+from trl_cpo.dataset_loading import drop_redundant_prompt, load_datasets, load_preference_dataset, split
 from trl_cpo.logps import is_length_normalized
 from trl_cpo.losses import MARGIN_TYPES
 from trl_cpo.methods import METHODS as METHOD_TABLE
@@ -55,9 +56,6 @@ METHOD_FIELDS = {
     "dpo": (),
 }
 ALL_METHOD_FIELDS = tuple(dict.fromkeys(field for fields in METHOD_FIELDS.values() for field in fields))
-#: File suffixes loaded with a `datasets` packaged builder when `--dataset_name` is a local file.
-LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -285,91 +283,8 @@ class DPOBaselineTrainer(CPOTrainer):
 
 
 TRAINERS = {**{name: method.trainer_class for name, method in METHOD_TABLE.items()}, "dpo": DPOBaselineTrainer}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _local_file_builder(path: str) -> str | None:
-    name = path.lower()
-    for suffix in COMPRESSION_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return LOCAL_FILE_BUILDERS.get(os.path.splitext(name)[1])
-
-
-def _is_saved_dataset(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
-
-
-def load_preference_dataset(name: str, config: str | None = None, streaming: bool = False):
-    """Load `name` as a `DatasetDict`: a `save_to_disk` folder, a local data file (its rows form the 'train' split),
-    or anything `datasets.load_dataset` takes (a Hub name, a folder of data files)."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    path = os.path.expanduser(name)
-    if os.path.isdir(path) and _is_saved_dataset(path):
-        dataset = load_from_disk(path)
-        return dataset if isinstance(dataset, DatasetDict) else DatasetDict({"train": dataset})
-    if os.path.isfile(path):
-        builder = _local_file_builder(path)
-        if builder is None:
-            raise ValueError(
-                f"Cannot tell the format of the local dataset file {path!r}: use one of "
-                f"{sorted(LOCAL_FILE_BUILDERS)} (optionally compressed), or a `save_to_disk` folder."
-            )
-        return load_dataset(builder, data_files=path, streaming=streaming)
-    return load_dataset(name, name=config, streaming=streaming)
-
-
-def load_datasets(script_args: CPOScriptArguments, dataset_args: DatasetMixtureConfig):
-    from trl import get_dataset
-
-    if dataset_args.datasets:
-        if script_args.dataset_name:
-            logger.warning("Both `datasets` and `dataset_name` are set: loading the `datasets` mixture only.")
-        streaming = dataset_args.streaming
-        dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name:
-        streaming = script_args.dataset_streaming
-        dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_config, streaming)
-    else:
-        raise ValueError("Set `dataset_name` (Hub name, local file or save_to_disk folder) or a `datasets` mixture.")
-    if streaming:
-        raise ValueError(
-            "Streaming datasets are not supported: the reference log-probs and margins are precomputed per pair before "
-            "training, which needs a map-style dataset. Drop `dataset_streaming` / `streaming`."
-        )
-    return dataset
-
-
-def drop_redundant_prompt(dataset):
-    """Bring a split into a layout TRL 1.16 accepts, if it has a string `prompt` next to conversational
-    `chosen` / `rejected` (as `HuggingFaceH4/ultrafeedback_binarized` does, where both conversations start with the
-    user turn). TRL wants all three columns in one format, so the string `prompt` is dropped: TRL then uses the
-    shared start of the two conversations as the prompt (its implicit-prompt format). Other layouts are untouched."""
-    from datasets import Value
-
-    features = dataset.features or {}
-    prompt, chosen = features.get("prompt"), features.get("chosen")
-    if isinstance(prompt, Value) and prompt.dtype in ("string", "large_string") and chosen is not None:
-        if not isinstance(chosen, Value):  # a list of {"role", "content"} messages
-            logger.info("Dropping the string `prompt` column: `chosen`/`rejected` are conversations that contain it.")
-            return dataset.remove_columns("prompt")
-    return dataset
-
-
-def _split(dataset, split: str, role: str):
-    if split not in dataset:
-        raise ValueError(
-            f"The dataset has no {split!r} split for {role} (it has {list(dataset)}). Set "
-            f"`--dataset_{'train' if role == 'training' else 'test'}_split`, or use a `datasets` mixture with "
-            "`test_split_size` to split one off."
-        )
-    return drop_redundant_prompt(dataset[split])
+#: Kept importable from here: the data loader moved to `trl_cpo.dataset_loading` (the audit uses it too).
+__all__ = ["DPOBaselineConfig", "DPOBaselineTrainer", "drop_redundant_prompt", "load_preference_dataset", "main"]
 
 
 def card_dataset_names(script_args: CPOScriptArguments, dataset_args: DatasetMixtureConfig) -> list[str]:
@@ -419,10 +334,10 @@ def train(script_args, training_args, model_args, dataset_args):
     # The main process downloads / prepares the data first; the other ranks then read it from the cache.
     with training_args.main_process_first(desc="loading the dataset"):
         dataset = load_datasets(script_args, dataset_args)
-        train_dataset = _split(dataset, script_args.dataset_train_split, "training")
+        train_dataset = split(dataset, script_args.dataset_train_split, "training")
         eval_dataset = None
         if training_args.eval_strategy != "no":
-            eval_dataset = _split(dataset, script_args.dataset_test_split, "evaluation")
+            eval_dataset = split(dataset, script_args.dataset_test_split, "evaluation")
 
     trainer = TRAINERS[script_args.method](
         model=model_args.model_name_or_path,
