@@ -6,7 +6,14 @@ reference gets wrong (`effects`: the reference report and the audit print it). T
 report, the model card, the scripts (train, audit, demo) and the benchmarks read these fields; none of them branches on
 a method's name.
 
-A third method is a target function and an effects function here, its config and trainer classes, and one entry.
+Adding a method:
+
+- a setting of an existing method under its own name is one `variant` entry and nothing else. The DPO baseline below is
+  CPO at `cpo_gamma=0`; the released code's HyPO would be E-CPOC at `ecpoc_gamma=0, ecpoc_tau=inf, ecpoc_alpha=1`
+  (target `max(delta_ref, 0)`). A variant's config and trainer classes derive from its base's, with every setting of
+  the base pinned (so they are no flags of `--method <variant>`);
+- a new objective is a target function and an effects function here, a config class and a trainer class (whose
+  `method` is its entry), and one `Method` entry.
 
 Every target is in the loss's log-prob space (summed, or per-token averaged for `loss_type='sigmoid_norm'`). CPO's
 margin reads per-token reference log-probs whatever the space (see `trl_cpo.losses.cpo_margin`).
@@ -14,17 +21,21 @@ margin reads per-token reference log-probs whatever the space (see `trl_cpo.loss
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
+from . import _trl_compat
 from .cpo_config import CPOConfig
 from .ecpoc_config import ECPOCConfig
 from .logps import is_length_normalized
 from .losses import cpo_margin, ecpoc_target
+from .model_card import PAPER_ID
 from .reference import ReferenceLogps
 
 
@@ -137,6 +148,18 @@ def ecpoc_effects(pairs: Pairs, *, beta: float, gamma: float, tau: float, alpha:
 
 
 @dataclass(frozen=True)
+class VariantCard:
+    """What the model card of a variant's run says in place of its base's (TRL's trainer card attributes)."""
+
+    tags: tuple[str, ...]
+    name: str
+    #: The paper the card cites ({"title", "id", "citation"}), called when the trainer class is built.
+    paper: Callable[[], dict[str, str]]
+    #: The card's description paragraph for a run's config; None: the card's own.
+    description: Callable[[object], str] | None = None
+
+
+@dataclass(frozen=True)
 class Method:
     """One reference-margin method: where it lives, what it computes, logs and reports."""
 
@@ -145,9 +168,10 @@ class Method:
     #: Human-readable name (model cards, tables).
     title: str
     config_class: type
-    #: "module:Class" of the trainer (imported on first use: the trainers import this table).
-    trainer_path: str
-    #: Config field -> keyword of `target` (the config uses TRL-style prefixed names, the math the paper's).
+    #: "module:Class" of the trainer, imported on first use (the trainers import this table); None for a variant.
+    trainer_path: str | None
+    #: The method's own settings: config field -> keyword of `target` (TRL-style prefixed names, the paper's). Empty
+    #: for a variant, whose target is its base's at the pinned settings.
     fields: dict[str, str]
     #: Target log-odds per pair, in the loss's space.
     target: Callable[..., torch.Tensor]
@@ -166,19 +190,33 @@ class Method:
     #: Config fields of the method that are not arguments of `target` (e.g. CPO's `cpo_auto_gamma`, which chooses
     #: `cpo_gamma` from the data): scripts accept them with the method's fields, model cards list them when set.
     config_only_fields: tuple[str, ...] = ()
+    #: A variant's base entry, the value of each of the base's settings it pins, its trainer's class name and card.
+    base: Method | None = None
+    pinned: dict[str, object] = field(default_factory=dict)
+    trainer_name: str | None = None
+    card: VariantCard | None = None
 
     @property
+    def flags(self) -> tuple[str, ...]:
+        """The config fields the scripts take for this method beyond DPOConfig's (none for a variant)."""
+        return (*self.fields, *self.config_only_fields)
+
+    @functools.cached_property
     def trainer_class(self) -> type:
+        if self.base is not None:
+            return _variant_trainer(self)
         module, name = self.trainer_path.split(":")
         return getattr(importlib.import_module(module), name)
 
     def settings(self, config) -> dict[str, object]:
-        """The method's fields of `config`, by config field name. Fields `config` lacks (a config of another method, a
-        plain DPOConfig) take this method's defaults."""
-        return {name: getattr(config, name, getattr(self.config_class, name)) for name in self.fields}
+        """The target's settings in `config`, by config field name (a variant: its base's, at the pinned values).
+        Fields `config` lacks (a config of another method, a plain DPOConfig) take this method's defaults."""
+        names = self.base.fields if self.base is not None else self.fields
+        return {name: getattr(config, name, getattr(self.config_class, name)) for name in names}
 
     def _keywords(self, settings: dict[str, object]) -> dict[str, object]:
-        return {self.fields[name]: value for name, value in settings.items()}
+        names = self.base.fields if self.base is not None else self.fields
+        return {names[name]: value for name, value in settings.items()}
 
     def target_from_config(self, reference: ReferenceLogps, config) -> torch.Tensor:
         """Per-pair target log-odds for `config` (its beta, loss_type and method fields), in the loss's space."""
@@ -196,6 +234,71 @@ class Method:
 
     def metric(self, target: torch.Tensor, delta_ref: torch.Tensor, beta: float) -> torch.Tensor:
         return beta * (target - delta_ref) if self.metric_is_margin else target
+
+
+def variant(base: Method, *, name: str, title: str, class_prefix: str, pinned: dict, formula: str, card=None):
+    """`base` under its own name with every setting pinned: the values in `pinned`, the base config's defaults for the
+    rest. Its config class `<class_prefix>Config` subclasses the base's with those fields fixed (`init=False`, so
+    neither arguments nor flags); its trainer `<class_prefix>Trainer` subclasses the base's, with `card`'s model-card
+    attributes (a `VariantCard`; None keeps the base's)."""
+    settings = {f: pinned.get(f, getattr(base.config_class, f)) for f in base.flags}
+    if set(pinned) - set(settings):
+        raise ValueError(f"{name}: {sorted(set(pinned) - set(settings))} are not settings of {base.name}.")
+    config_fields = [
+        (f, base.config_class.__dataclass_fields__[f].type, field(default=value, init=False))
+        for f, value in settings.items()
+    ]
+    doc = f"`{base.config_class.__name__}` of the {title} ({base.title} at {_describe(settings)}); no field to set."
+    config_class = dataclasses.make_dataclass(
+        f"{class_prefix}Config",
+        config_fields,
+        bases=(base.config_class,),
+        namespace={"_method_name": title, "__module__": __name__, "__doc__": doc},
+    )
+    return dataclasses.replace(
+        base,
+        name=name,
+        title=title,
+        config_class=config_class,
+        trainer_path=None,
+        fields={},
+        config_only_fields=(),
+        formula=formula,
+        base=base,
+        pinned=settings,
+        trainer_name=f"{class_prefix}Trainer",
+        card=card,
+    )
+
+
+def _describe(settings: dict[str, object]) -> str:
+    return ", ".join(f"{name}={value!r}" for name, value in settings.items())
+
+
+def _variant_trainer(method: Method) -> type:
+    namespace = {
+        "method": method,
+        "__module__": __name__,
+        "__doc__": f"{method.title}: {method.base.trainer_class.__name__} at {_describe(method.pinned)}. "
+        f"{method.formula}",
+    }
+    card = method.card
+    if card is not None:
+        attributes = _trl_compat.card_attributes(tags=list(card.tags), name=card.name, paper=card.paper())
+        namespace["_tag_names"], namespace["_name"], namespace["_paper"] = attributes
+        if card.description is not None:
+            namespace["_card_description"] = property(lambda self: card.description(self.args))
+    return type(method.trainer_name, (method.base.trainer_class,), namespace)
+
+
+def _dpo_baseline_description(args) -> str:
+    space = "per-token averaged" if is_length_normalized(args.loss_type) else "summed"
+    return (
+        "DPO baseline for a comparison with CPO (Constrained Preference Optimization, "
+        f"[arXiv:{PAPER_ID}](https://arxiv.org/abs/{PAPER_ID})), trained with trl-cpo's CPO trainer at "
+        f"`cpo_gamma = 0`, whose loss is exactly DPO's, on {space} log-probs (loss_type {args.loss_type}), "
+        "with reference log-probs precomputed once before training."
+    )
 
 
 METHODS: dict[str, Method] = {
@@ -230,6 +333,21 @@ METHODS: dict[str, Method] = {
         report_keys=("floor_binding_fraction",),
     ),
 }
+#: The DPO baseline of a CPO comparison: exactly DPO's loss, with everything else (reference, data, metrics) CPO's.
+METHODS["dpo"] = variant(
+    METHODS["cpo"],
+    name="dpo",
+    title="DPO-baseline",
+    class_prefix="DPOBaseline",
+    pinned={"cpo_gamma": 0.0},
+    formula="loss = -log sigmoid(beta * (delta_pi - delta_ref)): DPO's loss (the CPO loss at cpo_gamma = 0)",
+    card=VariantCard(
+        tags=("trl", "dpo", "trl-cpo"),
+        name="DPO baseline (of a CPO comparison)",
+        paper=_trl_compat.dpo_paper,
+        description=_dpo_baseline_description,
+    ),
+)
 #: The entry a config of no method (a plain `trl.DPOConfig`) is read as: CPOTrainer turns one into a CPOConfig, and
 #: the reference report of a plain DPOTrainer says what CPO at its defaults would do.
 PLAIN_DPO_CONFIG_METHOD = "cpo"
@@ -244,3 +362,14 @@ def method_for_config(config) -> Method:
     if hasattr(config, "_method_name"):  # a reference-margin config no entry declares
         raise TypeError(f"{type(config).__name__} is not the config of any method in trl_cpo.METHODS.")
     return METHODS[PLAIN_DPO_CONFIG_METHOD]
+
+
+def __getattr__(name: str):
+    """The variants' derived classes, by name (`trl_cpo.methods.DPOBaselineConfig`): pickle finds the class of a saved
+    config (the Trainer's `training_args.bin`) here."""
+    for method in globals().get("METHODS", {}).values():
+        if method.base is not None and name == method.config_class.__name__:
+            return method.config_class
+        if method.base is not None and name == method.trainer_name:
+            return method.trainer_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
