@@ -7,9 +7,11 @@ audit computes the same one):
 
 - ``misaligned_fraction``: share of pairs with ``delta_ref < 0``, with a 95% Wilson interval;
 - ``delta_ref`` quantiles, in the loss's log-prob space;
-- ``margin_at_cap_fraction`` (CPO): share of margins at ``cpo_max_margin``, where ``cpo_gamma`` no longer matters;
-- ``lifted_fraction`` (CPO): share of misaligned pairs whose target ``delta_ref + m / beta`` is ``>= 0``;
-- ``floor_binding_fraction`` (E-CPOC): share of pairs with ``delta_ref < ecpoc_gamma``, where the floor raises the
+- what the run's method does to the pairs, from its entry of `trl_cpo.methods.METHODS` (`Method.effects`, the fields
+  its `report_keys` name, and its `report_warnings`):
+  ``margin_at_cap_fraction`` (CPO): share of margins at ``cpo_max_margin``, where ``cpo_gamma`` no longer matters;
+  ``lifted_fraction`` (CPO): share of misaligned pairs whose target ``delta_ref + m / beta`` is ``>= 0``;
+  ``floor_binding_fraction`` (E-CPOC): share of pairs with ``delta_ref < ecpoc_gamma``, where the floor raises the
   target;
 - ``recommended_cpo_gamma``: the smallest ``cpo_gamma`` that lifts a given share (default 0.9) of misaligned pairs
   (:func:`recommend_cpo_gamma`).

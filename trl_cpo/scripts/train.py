@@ -75,9 +75,12 @@ class CPOScriptArguments(ScriptArguments):
     method: str = field(
         default="cpo",
         metadata={
-            "help": "Which objective to train: 'cpo' (CPO, soft constraint), 'ecpoc' (E-CPOC, hard constraint) or "
-            "'dpo' (the DPO baseline: the CPO trainer at cpo_gamma=0, same beta and loss_type). `--method M --help` "
-            "lists the options of M's training config.",
+            "help": "Which objective to train (an entry of trl_cpo.methods.METHODS): "
+            + ", ".join(
+                f"'{name}' ({method.title}{f': {method.base.title} with its settings pinned' if method.base else ''})"
+                for name, method in METHOD_TABLE.items()
+            )
+            + ". `--method M --help` lists the options of M's training config.",
             "choices": list(METHODS),
         },
     )
