@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trl_cpo.reference import ReferenceLogps
-from trl_cpo.scripts.demo import optimum, report, run
+from trl_cpo.scripts.demo import args as demo_args
+from trl_cpo.scripts.demo import measure, optimum, plots, report, rows, run, stats
 from trl_cpo.scripts.demo import task as task_lib
 from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
@@ -26,7 +27,7 @@ TINY_ARGS = [
     "--num_topics", "4",
     "--disable_tqdm",
 ]  # fmt: skip
-ROWS = list(run.ROWS)
+ROWS = list(rows.ROWS)
 FRACTIONS = ("accuracy", "u_fraction", "accuracy_ref_misaligned", "u_fraction_ref_misaligned")
 
 
@@ -139,7 +140,7 @@ def test_results_json_schema(seeds_run):
             "predicted_mean_delta_pi_ref_misaligned",
         ):
             values = [s["methods"][name]["final"][key] for s in entry["seeds"]]
-            assert summary["methods"][name][key] == report.t_interval(values)
+            assert summary["methods"][name][key] == stats.t_interval(values)
     assert summary["reference_report"]["row"] == "CPO"
     assert summary["reference_report"]["misaligned_fraction"]["n"] == 2
 
@@ -165,7 +166,7 @@ def test_table_is_printed_before_any_file_is_written(seeds_run, tmp_path, monkey
     # A failure while writing (here: the plot) cannot lose the table: it is on stdout first.
     out, _, _ = seeds_run
     output = json.loads((out / "results.json").read_text())
-    args = run.DemoArguments(**{**output["config"], "output_dir": str(tmp_path)})
+    args = demo_args.DemoArguments(**{**output["config"], "output_dir": str(tmp_path)})
 
     def broken_plot(*_):
         raise RuntimeError("plotting failed")
@@ -201,9 +202,9 @@ def test_sweep_and_determinism(seeds_run, sweep_run):
 def test_t_quantile_and_interval():
     # Two-sided 95% Student-t critical values (standard tables).
     for df, expected in [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (29, 2.0452)]:
-        assert report.t_quantile(df) == pytest.approx(expected, abs=1e-4)
-    assert report.t_quantile(2, 0.9) == pytest.approx(2.9200, abs=1e-4)
-    interval = report.t_interval([1.0, 2.0, 3.0])
+        assert stats.t_quantile(df) == pytest.approx(expected, abs=1e-4)
+    assert stats.t_quantile(2, 0.9) == pytest.approx(2.9200, abs=1e-4)
+    interval = stats.t_interval([1.0, 2.0, 3.0])
     half = 4.302653 * 1.0 / math.sqrt(3)
     assert interval == {
         "mean": 2.0,
@@ -211,15 +212,15 @@ def test_t_quantile_and_interval():
         "high": pytest.approx(2 + half, abs=1e-5),
         "n": 3,
     }
-    assert report.t_interval([0.6, 0.6, 0.6]) == {"mean": 0.6, "low": 0.6, "high": 0.6, "n": 3}
-    assert report.t_interval([0.25]) == {"mean": 0.25, "low": None, "high": None, "n": 1}
-    assert report.t_interval([None, 1.0, None, 3.0])["n"] == 2
-    assert report.t_interval([None]) is None
-    assert report.fmt(report.t_interval([1.0, 2.0, 3.0])) == f"2.000 ± {half:.3f}"
-    assert report.fmt(report.t_interval([0.5, 0.5]), 1, percent=True) == "50.0 ± 0.0%"
+    assert stats.t_interval([0.6, 0.6, 0.6]) == {"mean": 0.6, "low": 0.6, "high": 0.6, "n": 3}
+    assert stats.t_interval([0.25]) == {"mean": 0.25, "low": None, "high": None, "n": 1}
+    assert stats.t_interval([None, 1.0, None, 3.0])["n"] == 2
+    assert stats.t_interval([None]) is None
+    assert report.fmt(stats.t_interval([1.0, 2.0, 3.0])) == f"2.000 ± {half:.3f}"
+    assert report.fmt(stats.t_interval([0.5, 0.5]), 1, percent=True) == "50.0 ± 0.0%"
     assert report.fmt(None) == "-"
     with pytest.raises(ValueError, match="df"):
-        report.t_quantile(0)
+        stats.t_quantile(0)
 
 
 # -- predicted optimum -----------------------------------------------------------------------------------------------
@@ -300,24 +301,24 @@ def test_row_targets_are_the_trainers_targets(loss_type):
     reference = ReferenceLogps(
         token_chosen * lengths_chosen, token_rejected * lengths_rejected, lengths_chosen, lengths_rejected
     )
-    args = run.DemoArguments()
-    configs = {name: run.build_config(name, args, seed=0, output_dir="unused") for name in ROWS}
+    args = demo_args.DemoArguments()
+    configs = {name: rows.build_config(name, args, seed=0, output_dir="unused") for name in ROWS}
     for config in configs.values():
         config.loss_type = [loss_type]
     delta_ref = token_chosen - token_rejected if loss_type == "sigmoid_norm" else reference.chosen - reference.rejected
-    torch.testing.assert_close(run.row_target("DPO", reference, configs["DPO"]), delta_ref)
+    torch.testing.assert_close(rows.row_target("DPO", reference, configs["DPO"]), delta_ref)
     margin = 0.05 * (torch.exp(-token_chosen) + torch.exp(-token_rejected))  # below the cap of 10 here
-    torch.testing.assert_close(run.row_target("CPO", reference, configs["CPO"]), delta_ref + margin / 2.5)
+    torch.testing.assert_close(rows.row_target("CPO", reference, configs["CPO"]), delta_ref + margin / 2.5)
     logp_margin = 0.05 * (1 / token_chosen + 1 / token_rejected)  # the released numerics: negative
     torch.testing.assert_close(
-        run.row_target("CPO-inverse_logp", reference, configs["CPO-inverse_logp"]), delta_ref + logp_margin / 2.5
+        rows.row_target("CPO-inverse_logp", reference, configs["CPO-inverse_logp"]), delta_ref + logp_margin / 2.5
     )
-    assert (run.row_target("E-CPOC", reference, configs["E-CPOC"]) >= 0.5).all()
+    assert (rows.row_target("E-CPOC", reference, configs["E-CPOC"]) >= 0.5).all()
     # The flipped pair's target is the same function of the swapped reference: DPO's is -delta_ref, CPO's margin
     # is symmetric.
-    torch.testing.assert_close(run.row_target("DPO", run.swapped(reference), configs["DPO"]), -delta_ref)
+    torch.testing.assert_close(rows.row_target("DPO", rows.swapped(reference), configs["DPO"]), -delta_ref)
     torch.testing.assert_close(
-        run.row_target("CPO", run.swapped(reference), configs["CPO"]), -delta_ref + margin / 2.5
+        rows.row_target("CPO", rows.swapped(reference), configs["CPO"]), -delta_ref + margin / 2.5
     )
 
 
@@ -376,11 +377,11 @@ def test_output_folder_refused_or_cleaned(nothing_trains, tmp_path, capsys):
     assert run.main(["--output_dir", str(out / "notes.md")]) == 2
     assert "is a file" in capsys.readouterr().err
     # --overwrite_output_dir deletes the demo's own outputs only.
-    removed = run.prepare_output_dir(str(out), overwrite=True)
+    removed = demo_args.prepare_output_dir(str(out), overwrite=True)
     assert removed == ["curves_corruption-0.40.png", "results.json", "sweep.png", "table.txt"]
     assert sorted(p.name for p in out.iterdir()) == ["keep", "notes.md"]
     # An empty or missing folder is fine.
-    assert run.prepare_output_dir(str(tmp_path / "new"), overwrite=False) == []
+    assert demo_args.prepare_output_dir(str(tmp_path / "new"), overwrite=False) == []
 
 
 def test_config_yaml_and_help(tmp_path, capsys):
@@ -408,9 +409,9 @@ def test_plots_are_skipped_without_matplotlib(seeds_run, monkeypatch, tmp_path, 
     # matplotlib is the optional [plots] extra: without it the demo still writes the table and JSON.
     out, _, _ = seeds_run
     output = json.loads((out / "results.json").read_text())
-    monkeypatch.setattr(report, "_pyplot", lambda: None)
-    assert report.plot_curves(output["results"][0], str(tmp_path / "curves.png")) is False
-    args = run.DemoArguments(**{**output["config"], "output_dir": str(tmp_path)})
+    monkeypatch.setattr(plots, "_pyplot", lambda: None)
+    assert plots.plot_curves(output["results"][0], str(tmp_path / "curves.png")) is False
+    args = demo_args.DemoArguments(**{**output["config"], "output_dir": str(tmp_path)})
     report.finish(output, args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "table.txt"]
     assert "pip install 'trl-cpo[plots]'" in capsys.readouterr().err
@@ -428,12 +429,12 @@ def test_demo_logps_equal_the_trainers_precompute(tmp_path):
     pairs = task_lib.make_pairs(task, 12, seed=0, label_noise=0.2)
     tokenizer = build_tiny_tokenizer([" ".join(task.vocabulary())], vocab_size=100)
     model = build_tiny_llama(tokenizer, hidden_size=16, num_layers=1, max_position_embeddings=64, seed=0)
-    args = run.DemoArguments(per_device_train_batch_size=4, methods=["CPO"])
-    config = run.build_config("CPO", args, seed=0, output_dir=str(tmp_path))
+    args = demo_args.DemoArguments(per_device_train_batch_size=4, methods=["CPO"])
+    config = rows.build_config("CPO", args, seed=0, output_dir=str(tmp_path))
     dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     with run._quiet(1, progress=False):
-        trainer = run.make_trainer("CPO", model, config, dataset, tokenizer)
-    held_out = run.HeldOut(tokenizer, pairs, model)
+        trainer = rows.make_trainer("CPO", model, config, dataset, tokenizer)
+    held_out = measure.HeldOut(tokenizer, pairs, model)
     theirs = trainer.train_reference_logps
     torch.testing.assert_close(held_out.reference.chosen, theirs.chosen, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(held_out.reference.rejected, theirs.rejected, atol=1e-4, rtol=1e-4)
@@ -457,7 +458,7 @@ def test_corrupted_reference_is_measurably_misaligned():
         task_lib.train_sft(
             model, items, pad_token_id=tokenizer.pad_token_id, steps=30, batch_size=32, learning_rate=1e-2, seed=0
         )
-        held = run.HeldOut(tokenizer, held_out, model)
+        held = measure.HeldOut(tokenizer, held_out, model)
         rates[ratio] = held.misaligned.float().mean().item()
     assert rates[0.0] <= 0.1
     assert rates[0.5] >= 0.4
@@ -498,10 +499,10 @@ def test_held_out_metrics():
     # delta_ref = [-2, -2, -2, 1]; delta_pi = [-3 (below the reference), -1 (in U), 0.5 (fixed), 2] (per token).
     ref_chosen, ref_rejected = torch.tensor([-3.0, -3.0, -3.0, -1.0]), torch.tensor([-1.0, -1.0, -1.0, -2.0])
     policy_chosen, policy_rejected = torch.tensor([-4.0, -2.0, -0.5, 0.0]), torch.tensor([-1.0, -1.0, -1.0, -2.0])
-    metrics = run.held_out_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    metrics = measure.held_out_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     assert metrics["accuracy"] == 0.5
     assert metrics["u_fraction"] == 0.25
     assert metrics["u_fraction_ref_misaligned"] == pytest.approx(1 / 3, abs=1e-6)
     assert metrics["accuracy_ref_misaligned"] == pytest.approx(1 / 3, abs=1e-6)
-    clean = run.held_out_metrics(policy_chosen[3:], policy_rejected[3:], ref_chosen[3:], ref_rejected[3:])
+    clean = measure.held_out_metrics(policy_chosen[3:], policy_rejected[3:], ref_chosen[3:], ref_rejected[3:])
     assert clean["u_fraction"] == 0.0 and clean["u_fraction_ref_misaligned"] is None

@@ -7,9 +7,11 @@ audit computes the same one):
 
 - ``misaligned_fraction``: share of pairs with ``delta_ref < 0``, with a 95% Wilson interval;
 - ``delta_ref`` quantiles, in the loss's log-prob space;
-- ``margin_at_cap_fraction`` (CPO): share of margins at ``cpo_max_margin``, where ``cpo_gamma`` no longer matters;
-- ``lifted_fraction`` (CPO): share of misaligned pairs whose target ``delta_ref + m / beta`` is ``>= 0``;
-- ``floor_binding_fraction`` (E-CPOC): share of pairs with ``delta_ref < ecpoc_gamma``, where the floor raises the
+- what the run's method does to the pairs, from its entry of `trl_cpo.methods.METHODS` (`Method.effects`, the fields
+  its `report_keys` name, and its `report_warnings`):
+  ``margin_at_cap_fraction`` (CPO): share of margins at ``cpo_max_margin``, where ``cpo_gamma`` no longer matters;
+  ``lifted_fraction`` (CPO): share of misaligned pairs whose target ``delta_ref + m / beta`` is ``>= 0``;
+  ``floor_binding_fraction`` (E-CPOC): share of pairs with ``delta_ref < ecpoc_gamma``, where the floor raises the
   target;
 - ``recommended_cpo_gamma``: the smallest ``cpo_gamma`` that lifts a given share (default 0.9) of misaligned pairs
   (:func:`recommend_cpo_gamma`).
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .logps import is_length_normalized, per_token, to_loss_space
-from .losses import DEFAULT_MAX_MARGIN, MARGIN_TYPES, cpo_margin
+from .losses import DEFAULT_MAX_MARGIN, MARGIN_TYPES
 
 #: Two-sided 95% normal quantile used by the Wilson interval.
 Z_95 = 1.959963984540054
@@ -222,35 +224,29 @@ def reference_report(
     method=None,
     share: float = DEFAULT_LIFT_SHARE,
 ) -> ReferenceReport:
-    """The reference report of `config`'s method (a `CPOConfig`, an `ECPOCConfig`, or a plain `DPOConfig`, reported
-    as what CPO at its default `cpo_gamma` would do with that beta and loss_type).
+    """The reference report of `config`'s method (a `CPOConfig`, an `ECPOCConfig`, any config of
+    `trl_cpo.methods.METHODS`, or a plain `DPOConfig`, reported as what CPO at its default `cpo_gamma` would do with
+    that beta and loss_type).
 
-    `method` is an entry of `trl_cpo.methods.METHODS` (default: the one of `config`'s class, CPO for a DPOConfig).
+    `method` is an entry of `trl_cpo.methods.METHODS` (default: `trl_cpo.methods.method_for_config(config)`). What
+    the method does to the pairs (`Method.effects`, the fields of `Method.report_keys`) and its warnings come from its
+    entry; the recommended `cpo_gamma` is CPO's, at `config`'s CPO settings (CPOConfig's defaults where it has none).
     """
-    from .cpo_config import CPOConfig
-    from .methods import METHODS, method_for_config
+    from .methods import METHODS, Pairs, method_for_config
 
-    if method is None:
-        method = method_for_config(config) if hasattr(config, "_method_name") else METHODS["cpo"]
+    method = method_for_config(config) if method is None else method
     length_normalized = is_length_normalized(config.loss_type)
-    cpo_settings = {
-        name: getattr(config, name, default)
-        for name, default in (
-            ("cpo_gamma", CPOConfig.cpo_gamma),
-            ("cpo_margin_type", CPOConfig.cpo_margin_type),
-            ("cpo_max_margin", CPOConfig.cpo_max_margin),
-        )
-    }
-    delta_ref, chosen_tok, rejected_tok = _lift_inputs(
-        ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths, length_normalized
+    pairs = Pairs(
+        *_lift_inputs(ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths, length_normalized)
     )
+    delta_ref = pairs.delta_ref
     n = delta_ref.numel()
     if n == 0:
         raise ValueError("The reference report needs at least one pair; the dataset is empty.")
-    misaligned = delta_ref < 0
-    n_misaligned = int(misaligned.sum())
+    n_misaligned = int((delta_ref < 0).sum())
     low, high = wilson_interval(n_misaligned, n)
     quantiles = torch.quantile(delta_ref.double(), torch.tensor(QUANTILES, dtype=torch.float64))
+    cpo_settings = METHODS["cpo"].settings(config)
     recommendation = recommend_cpo_gamma(
         ref_chosen_logps,
         ref_rejected_logps,
@@ -274,50 +270,9 @@ def reference_report(
         recommendation=recommendation.reason,
         lift_share=share,
     )
-    if method.name == "cpo":
-        gamma, margin_type, cap = (cpo_settings[k] for k in ("cpo_gamma", "cpo_margin_type", "cpo_max_margin"))
-        margin = cpo_margin(chosen_tok, rejected_tok, gamma=gamma, margin_type=margin_type, max_margin=cap)
-        target = delta_ref + margin / config.beta
-        report.cpo_gamma = float(gamma)
-        # A margin at the cap, to float32 round-off (the cap is applied by clamping, so capped values equal it).
-        at_cap = margin.abs() >= cap * (1 - 1e-6)
-        report.margin_at_cap_fraction = _share(at_cap) if gamma > 0 else 0.0
-        report.lifted_fraction = _share(target[misaligned] >= 0) if n_misaligned else 1.0
-        report.warnings = _cpo_warnings(report, chosen_tok, rejected_tok, margin_type, cap, n_misaligned)
-    elif "ecpoc_gamma" in method.fields:
-        report.floor_binding_fraction = _share(delta_ref < config.ecpoc_gamma)
+    settings = method.settings(config)
+    effects = method.effects_at(pairs, config.beta, settings)
+    for key in method.report_keys:
+        setattr(report, key, effects[key])
+    report.warnings = method.warnings_at(report, pairs, config.beta, settings)
     return report
-
-
-def _share(mask: torch.Tensor) -> float:
-    """Exact share of True entries (a count over a count, not a float32 mean)."""
-    return int(mask.sum()) / mask.numel()
-
-
-def _cpo_warnings(report, chosen_tok, rejected_tok, margin_type, cap, n_misaligned) -> list[str]:
-    warnings = []
-    if report.margin_at_cap_fraction > 0.5:
-        if margin_type == "inverse_prob":
-            strength = torch.exp(torch.logaddexp(-chosen_tok.double(), -rejected_tok.double()))
-        else:
-            strength = (1 / chosen_tok.double().clamp(max=-1e-6) + 1 / rejected_tok.double().clamp(max=-1e-6)).abs()
-        below = cap / torch.quantile(strength, 0.5).item()
-        warnings.append(
-            f"{report.margin_at_cap_fraction:.0%} of the CPO margins sit at cpo_max_margin={cap:g}: there cpo_gamma "
-            f"no longer matters and CPO is DPO plus a constant. cpo_gamma below {below:.3g} keeps at least half of "
-            "them under the cap (an untrained reference, whose per-token probabilities are near 1/vocab, caps them "
-            "at any usual cpo_gamma)."
-        )
-    if n_misaligned and report.lifted_fraction < 0.5:
-        fix = (
-            f"cpo_gamma={report.recommended_cpo_gamma:.4g} lifts {report.lift_share:.0%} of them (set it, or "
-            f"cpo_auto_gamma={report.lift_share:g})"
-            if report.recommended_cpo_gamma is not None
-            else report.recommendation
-        )
-        warnings.append(
-            f"CPO at cpo_gamma={report.cpo_gamma:g} lifts only {report.lifted_fraction:.0%} of the {n_misaligned} pairs "
-            f"the reference gets wrong out of U (target delta_ref + m/beta >= 0). {fix}; or use ECPOCTrainer, whose "
-            "target never drops below ecpoc_gamma."
-        )
-    return warnings

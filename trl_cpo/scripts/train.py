@@ -6,63 +6,66 @@ baseline.
 Not TRL's Contrastive Preference Optimization (`trl.experimental.cpo`): same acronym, different algorithm.
 
 Shaped like TRL's `trl/scripts/dpo.py`: one `TrlParser` over script, training, model and dataset-mixture arguments;
-`--config FILE.yaml` sets defaults and any command-line flag overrides them. `--method` picks the trainer, so one
-config gives CPO, E-CPOC and the DPO baseline on identical settings:
+`--config FILE.yaml` sets defaults and any command-line flag overrides them. `--method` (any key of
+`trl_cpo.methods.METHODS`) picks the training arguments' class and the trainer, so one config gives CPO, E-CPOC and the
+DPO baseline on identical settings:
 
-- `cpo`   -> `trl_cpo.CPOTrainer`   (`--cpo_gamma`, `--cpo_margin_type`, `--cpo_max_margin`, `--cpo_auto_gamma`)
-- `ecpoc` -> `trl_cpo.ECPOCTrainer` (`--ecpoc_gamma`, `--ecpoc_tau`, `--ecpoc_alpha`)
-- `dpo`   -> the CPO trainer at `cpo_gamma=0`, which is exactly DPO's loss with the same `--beta`, the same
-             `--loss_type` log-prob space ('sigmoid_norm' averages per token, 'sigmoid' sums) and the same
-             precomputed reference, and logs the same U-space diagnostics.
+- `cpo`   -> `trl_cpo.CPOTrainer` with a `CPOConfig`     (`--cpo_gamma`, `--cpo_margin_type`, `--cpo_max_margin`,
+             `--cpo_auto_gamma`)
+- `ecpoc` -> `trl_cpo.ECPOCTrainer` with an `ECPOCConfig` (`--ecpoc_gamma`, `--ecpoc_tau`, `--ecpoc_alpha`)
+- `dpo`   -> the CPO trainer at `cpo_gamma=0` (`DPOBaselineTrainer`, `DPOBaselineConfig`), which is exactly DPO's loss
+             with the same `--beta`, the same `--loss_type` log-prob space and the same reference, and logs the same
+             U-space diagnostics.
 
-The trainers come from `trl_cpo.methods.METHODS`. Fields of a method other than `--method`'s are ignored (with a
-warning), so one config can carry both methods' settings.
+Settings of a method other than `--method`'s are ignored (with a warning), so one config can carry both methods'
+settings (`trl_cpo.scripts._method_args`).
 
     trl-cpo train --config recipes/configs/tiny_cpu.yaml                      # one process
     accelerate launch -m trl_cpo.scripts.train --config FILE.yaml             # several processes / GPUs
     accelerate launch recipes/cpo_llama3.py --config FILE.yaml                # the same, through the recipe
 
 `--dataset_name` takes a Hub dataset, a local JSON / JSON-lines / Parquet / CSV file, or a folder written by
-`Dataset.save_to_disk` / `DatasetDict.save_to_disk`. `--push_to_hub --hub_dry_run true` writes the folder and card a
-push would upload into `OUTPUT_DIR/_hub_dry_run/`, offline, and uploads nothing. See recipes/README.md for the setups.
+`Dataset.save_to_disk` / `DatasetDict.save_to_disk` (`trl_cpo.dataset_loading`). `--push_to_hub --hub_dry_run true`
+writes the folder and card a push would upload into `OUTPUT_DIR/_hub_dry_run/`, offline, and uploads nothing. See
+recipes/README.md for the setups.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 
-from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, ScriptArguments, TrlParser
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from trl_cpo import _trl_compat
-from trl_cpo.cpo_config import CPOConfig
-from trl_cpo.cpo_trainer import CPOTrainer
-from trl_cpo.logps import is_length_normalized
-from trl_cpo.losses import MARGIN_TYPES
+from trl_cpo.dataset_loading import drop_redundant_prompt, load_datasets, load_preference_dataset, split
 from trl_cpo.methods import METHODS as METHOD_TABLE
-from trl_cpo.model_card import PAPER_ID, write_hub_dry_run
+from trl_cpo.methods import DPOBaselineConfig, DPOBaselineTrainer, Method
+from trl_cpo.model_card import write_hub_dry_run
+
+from . import _method_args
+
+__all__ = [
+    "CPOScriptArguments",
+    "DPOBaselineConfig",
+    "DPOBaselineTrainer",
+    "drop_redundant_prompt",
+    "load_preference_dataset",
+    "main",
+    "make_parser",
+    "parse_args",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
-#: The methods of `trl_cpo.methods.METHODS`, plus the DPO baseline (the CPO trainer at cpo_gamma=0).
-METHODS = (*METHOD_TABLE, "dpo")
-#: Fields each method reads beyond DPOConfig's: its math fields and its config-only ones (CPO's cpo_auto_gamma).
-METHOD_FIELDS = {
-    **{name: (*method.fields, *method.config_only_fields) for name, method in METHOD_TABLE.items()},
-    "dpo": (),
-}
-ALL_METHOD_FIELDS = tuple(dict.fromkeys(field for fields in METHOD_FIELDS.values() for field in fields))
-#: File suffixes loaded with a `datasets` packaged builder when `--dataset_name` is a local file.
-LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------------------
+#: `--method`'s choices, and the script's view of each entry: its trainer, its config class, the flags it adds.
+METHODS = tuple(METHOD_TABLE)
+TRAINERS = {name: method.trainer_class for name, method in METHOD_TABLE.items()}
+CONFIG_CLASSES = {name: method.config_class for name, method in METHOD_TABLE.items()}
+METHOD_FIELDS = {name: method.flags for name, method in METHOD_TABLE.items()}
 
 
 @dataclass
@@ -72,8 +75,12 @@ class CPOScriptArguments(ScriptArguments):
     method: str = field(
         default="cpo",
         metadata={
-            "help": "Which objective to train: 'cpo' (CPO, soft constraint), 'ecpoc' (E-CPOC, hard constraint) or "
-            "'dpo' (the DPO baseline: the CPO trainer at cpo_gamma=0, same beta and loss_type).",
+            "help": "Which objective to train (an entry of trl_cpo.methods.METHODS): "
+            + ", ".join(
+                f"'{name}' ({method.title}{f': {method.base.title} with its settings pinned' if method.base else ''})"
+                for name, method in METHOD_TABLE.items()
+            )
+            + ". `--method M --help` lists the options of M's training config.",
             "choices": list(METHODS),
         },
     )
@@ -109,122 +116,14 @@ class CPOScriptArguments(ScriptArguments):
     )
 
 
-@dataclass
-class CPORecipeConfig(DPOConfig):
-    """Every `DPOConfig` field plus the union of the CPO and E-CPOC fields, as read from the CLI and the YAML file.
-
-    Only a container for parsing: `TrainingArguments.__post_init__` is deliberately not run here. `to_trainer_config`
-    builds the real `CPOConfig` / `ECPOCConfig` / `DPOBaselineConfig` from the raw values, so that class validates and
-    post-processes them exactly once. Method fields left unset (`None`) take the method's own default.
-    """
-
-    beta: float = field(
-        default=2.5,
-        metadata={
-            "help": "Inverse temperature of the preference loss, for all three methods. 2.5 is the released CPO "
-            "setting on per-token averaged log-probs (loss_type 'sigmoid_norm'); DPOConfig's 0.1 is a summed scale."
-        },
-    )
-    precompute_ref_log_probs: bool = field(
-        default=True,
-        metadata={"help": "Must stay True: the reference log-probs and margins are computed once before training."},
-    )
-    loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid_norm"],
-        metadata={
-            "help": "Log-prob space of the preference term, for all three methods (the DPO baseline included): "
-            "'sigmoid_norm' averages per completion token (the released code's scale, assumed by beta=2.5), "
-            "'sigmoid' sums. 'sft' can be mixed in with loss_weights."
-        },
-    )
-    cpo_gamma: float | None = field(
-        default=None,
-        metadata={"help": "CPO only. Margin strength (default 0.05). The DPO baseline runs at cpo_gamma=0."},
-    )
-    cpo_margin_type: str | None = field(
-        default=None,
-        metadata={
-            "help": "CPO only. 'inverse_prob' (default; the paper's 1/pi_ref) or 'inverse_logp' (the released code's "
-            "1/logp_ref numerics, for parity with the published numbers).",
-            "choices": list(MARGIN_TYPES),
-        },
-    )
-    cpo_max_margin: float | None = field(default=None, metadata={"help": "CPO only. Cap on the margin (default 10)."})
-    cpo_auto_gamma: float | None = field(
-        default=None,
-        metadata={
-            "help": "CPO only. If set (e.g. 0.9), choose cpo_gamma from the train set at the precompute as the "
-            "smallest value giving this share of the misaligned pairs a non-negative target (overrides cpo_gamma)."
-        },
-    )
-    ecpoc_gamma: float | None = field(
-        default=None, metadata={"help": "E-CPOC only. Floor of the target log-odds (default 0.5)."}
-    )
-    ecpoc_tau: float | None = field(
-        default=None, metadata={"help": "E-CPOC only. Smooth-max sharpness (default 2.0)."}
-    )
-    ecpoc_alpha: float | None = field(
-        default=None, metadata={"help": "E-CPOC only. Correction scale 1/ecpoc_alpha (default 1)."}
-    )
-    reference_logps_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Train-set reference log-probs written by `trl-cpo audit --config <this YAML>`: read instead of "
-            "running the reference again when their fingerprint matches (all three methods)."
-        },
-    )
-
-    def __post_init__(self):
-        # Raw container: validation and TrainingArguments' post-processing happen in the real config class.
-        pass
-
-
-@dataclass
-class DPOBaselineConfig(CPOConfig):
-    """`CPOConfig` pinned to `cpo_gamma=0`: DPO's loss, run by the CPO trainer for a like-for-like baseline."""
-
-    _method_name = "DPO-baseline"
-
-    cpo_gamma: float = field(
-        default=0.0,
-        metadata={"help": "Always 0: at cpo_gamma=0 the CPO loss is exactly DPO's."},
-    )
-
-    def __post_init__(self):
-        if self.cpo_gamma != 0:
-            raise ValueError(f"The DPO baseline runs CPO at cpo_gamma=0; got cpo_gamma={self.cpo_gamma}.")
-        # CPOConfig may choose cpo_gamma from the data (cpo_auto_gamma): never for the baseline.
-        if getattr(self, "cpo_auto_gamma", None) is not None:
-            raise ValueError("The DPO baseline runs CPO at cpo_gamma=0: unset cpo_auto_gamma.")
-        super().__post_init__()
-
-
-CONFIG_CLASSES = {**{name: method.config_class for name, method in METHOD_TABLE.items()}, "dpo": DPOBaselineConfig}
-
-
-def to_trainer_config(raw: CPORecipeConfig, method: str) -> DPOConfig:
-    """Build the trainer config of `method` from the parsed values (see `CPORecipeConfig`)."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; use one of {list(METHODS)}.")
-    kwargs = {f.name: getattr(raw, f.name) for f in dataclasses.fields(DPOConfig) if f.init}
-    kwargs["reference_logps_file"] = raw.reference_logps_file
-    ignored = []
-    for name in ALL_METHOD_FIELDS:
-        value = getattr(raw, name)
-        if value is None:
-            continue
-        if name in METHOD_FIELDS[method]:
-            kwargs[name] = value
-        elif not (method == "dpo" and name == "cpo_gamma" and value == 0):
-            ignored.append(f"{name}={value!r}")
-    if ignored:
-        logger.warning("method=%s does not use %s; ignoring them.", method, ", ".join(ignored))
-    return CONFIG_CLASSES[method](**kwargs)
-
-
-def make_parser(prog: str | None = None) -> TrlParser:
+def make_parser(method: Method | str = CPOScriptArguments.method, other_settings=None, prog: str | None = None):
+    """The script's `TrlParser` for `method`: its training arguments are `method`'s config class; `other_settings`
+    (default: `_method_args.other_settings_types`) add the other methods' settings as ignored argument groups."""
+    method = METHOD_TABLE[method] if isinstance(method, str) else method
+    if other_settings is None:
+        other_settings = _method_args.other_settings_types(method.name)
     return TrlParser(
-        (CPOScriptArguments, CPORecipeConfig, ModelConfig, DatasetMixtureConfig),
+        (CPOScriptArguments, method.config_class, ModelConfig, DatasetMixtureConfig, *other_settings),
         prog=prog,
         description="Train with CPO, E-CPOC or the DPO baseline (--method) on TRL's DPOTrainer.",
         epilog="Every option can also be set in a YAML file passed as --config FILE.yaml (its keys are the option "
@@ -237,139 +136,15 @@ def parse_args(argv: list[str] | None = None):
 
     The training arguments come back as the config class of `--method` (CPOConfig, ECPOCConfig or DPOBaselineConfig).
     """
-    script_args, raw_training_args, model_args, dataset_args = make_parser().parse_args_and_config(argv)
-    if script_args.hub_dry_run and not raw_training_args.push_to_hub:
+    method, parsed, ignored = _method_args.parse(make_parser, argv, default=CPOScriptArguments.method)
+    if ignored:
+        logger.warning(ignored)
+    script_args, training_args, model_args, dataset_args = parsed
+    if script_args.hub_dry_run and not training_args.push_to_hub:
         raise ValueError(
             "hub_dry_run=True shows what --push_to_hub would upload: set push_to_hub=True too (nothing is uploaded)."
         )
-    return script_args, to_trainer_config(raw_training_args, script_args.method), model_args, dataset_args
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# DPO baseline
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class DPOBaselineTrainer(CPOTrainer):
-    """DPO baseline for CPO / E-CPOC runs: the CPO trainer at `cpo_gamma=0`.
-
-    Its loss is exactly DPO's, `-log sigmoid(beta * (delta_pi - delta_ref))`, in the log-prob space `loss_type` picks
-    (`sigmoid_norm`: per-token averages, `sigmoid`: sums). It shares everything else with the CPO run (precomputed
-    reference, data pipeline, metrics, including `u_fraction` and `ref_misaligned_fraction`), so the only difference
-    between the two runs is the margin. `cpo_margin` is logged as 0.
-    """
-
-    # CPO's table entry with the baseline's config class (whose cpo_gamma is pinned to 0).
-    method = dataclasses.replace(
-        METHOD_TABLE["cpo"],
-        name="dpo",
-        title="DPO-baseline",
-        config_class=DPOBaselineConfig,
-        trainer_path=f"{__name__}:DPOBaselineTrainer",
-        formula="loss = -log sigmoid(beta * (delta_pi - delta_ref)): DPO's loss (the CPO loss at cpo_gamma = 0)",
-        config_only_fields=(),
-    )
-    _tag_names = ["trl", "dpo", "trl-cpo"]
-    _name = "DPO baseline (of a CPO comparison)"
-    _paper = _trl_compat.dpo_paper()
-
-    @property
-    def _card_description(self) -> str:  # read by trl_cpo.model_card
-        space = "per-token averaged" if is_length_normalized(self.args.loss_type) else "summed"
-        return (
-            "DPO baseline for a comparison with CPO (Constrained Preference Optimization, "
-            f"[arXiv:{PAPER_ID}](https://arxiv.org/abs/{PAPER_ID})), trained with trl-cpo's CPO trainer at "
-            f"`cpo_gamma = 0`, whose loss is exactly DPO's, on {space} log-probs (loss_type {self.args.loss_type}), "
-            "with reference log-probs precomputed once before training."
-        )
-
-
-TRAINERS = {**{name: method.trainer_class for name, method in METHOD_TABLE.items()}, "dpo": DPOBaselineTrainer}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _local_file_builder(path: str) -> str | None:
-    name = path.lower()
-    for suffix in COMPRESSION_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return LOCAL_FILE_BUILDERS.get(os.path.splitext(name)[1])
-
-
-def _is_saved_dataset(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
-
-
-def load_preference_dataset(name: str, config: str | None = None, streaming: bool = False):
-    """Load `name` as a `DatasetDict`: a `save_to_disk` folder, a local data file (its rows form the 'train' split),
-    or anything `datasets.load_dataset` takes (a Hub name, a folder of data files)."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    path = os.path.expanduser(name)
-    if os.path.isdir(path) and _is_saved_dataset(path):
-        dataset = load_from_disk(path)
-        return dataset if isinstance(dataset, DatasetDict) else DatasetDict({"train": dataset})
-    if os.path.isfile(path):
-        builder = _local_file_builder(path)
-        if builder is None:
-            raise ValueError(
-                f"Cannot tell the format of the local dataset file {path!r}: use one of "
-                f"{sorted(LOCAL_FILE_BUILDERS)} (optionally compressed), or a `save_to_disk` folder."
-            )
-        return load_dataset(builder, data_files=path, streaming=streaming)
-    return load_dataset(name, name=config, streaming=streaming)
-
-
-def load_datasets(script_args: CPOScriptArguments, dataset_args: DatasetMixtureConfig):
-    from trl import get_dataset
-
-    if dataset_args.datasets:
-        if script_args.dataset_name:
-            logger.warning("Both `datasets` and `dataset_name` are set: loading the `datasets` mixture only.")
-        streaming = dataset_args.streaming
-        dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name:
-        streaming = script_args.dataset_streaming
-        dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_config, streaming)
-    else:
-        raise ValueError("Set `dataset_name` (Hub name, local file or save_to_disk folder) or a `datasets` mixture.")
-    if streaming:
-        raise ValueError(
-            "Streaming datasets are not supported: the reference log-probs and margins are precomputed per pair before "
-            "training, which needs a map-style dataset. Drop `dataset_streaming` / `streaming`."
-        )
-    return dataset
-
-
-def drop_redundant_prompt(dataset):
-    """Bring a split into a layout TRL 1.16 accepts, if it has a string `prompt` next to conversational
-    `chosen` / `rejected` (as `HuggingFaceH4/ultrafeedback_binarized` does, where both conversations start with the
-    user turn). TRL wants all three columns in one format, so the string `prompt` is dropped: TRL then uses the
-    shared start of the two conversations as the prompt (its implicit-prompt format). Other layouts are untouched."""
-    from datasets import Value
-
-    features = dataset.features or {}
-    prompt, chosen = features.get("prompt"), features.get("chosen")
-    if isinstance(prompt, Value) and prompt.dtype in ("string", "large_string") and chosen is not None:
-        if not isinstance(chosen, Value):  # a list of {"role", "content"} messages
-            logger.info("Dropping the string `prompt` column: `chosen`/`rejected` are conversations that contain it.")
-            return dataset.remove_columns("prompt")
-    return dataset
-
-
-def _split(dataset, split: str, role: str):
-    if split not in dataset:
-        raise ValueError(
-            f"The dataset has no {split!r} split for {role} (it has {list(dataset)}). Set "
-            f"`--dataset_{'train' if role == 'training' else 'test'}_split`, or use a `datasets` mixture with "
-            "`test_split_size` to split one off."
-        )
-    return drop_redundant_prompt(dataset[split])
+    return script_args, training_args, model_args, dataset_args
 
 
 def card_dataset_names(script_args: CPOScriptArguments, dataset_args: DatasetMixtureConfig) -> list[str]:
@@ -379,11 +154,6 @@ def card_dataset_names(script_args: CPOScriptArguments, dataset_args: DatasetMix
     if dataset_args.datasets:
         return list(dict.fromkeys(d.path for d in dataset_args.datasets))
     return [script_args.dataset_name] if script_args.dataset_name else []
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def set_model_init_kwargs(training_args, model_args) -> None:
@@ -400,16 +170,27 @@ def set_model_init_kwargs(training_args, model_args) -> None:
     training_args.model_init_kwargs = model_init_kwargs
 
 
+def build_trainer(method: str, training_args, model_args, train_dataset, eval_dataset=None):
+    """`method`'s trainer on `model_name_or_path`, as TRL's scripts build theirs (model kwargs, quantization, PEFT)."""
+    from trl import get_peft_config, get_quantization_config
+
+    set_model_init_kwargs(training_args, model_args)
+    return TRAINERS[method](
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+
+
 def train(script_args, training_args, model_args, dataset_args):
     """Train as the arguments say, then save (or push, or dry-run the push); returns the trainer.
 
     The body of TRL's `trl/scripts/dpo.py`'s `main`, with the method's trainer, the reference report and a model card
     ready for the Hub.
     """
-    from trl import get_peft_config, get_quantization_config
-
-    set_model_init_kwargs(training_args, model_args)
-
     hub_dry_run = script_args.hub_dry_run and training_args.push_to_hub
     if hub_dry_run:
         # transformers' Trainer creates the Hub repo in __init__ and pushes at each save when push_to_hub is set: the
@@ -419,20 +200,12 @@ def train(script_args, training_args, model_args, dataset_args):
     # The main process downloads / prepares the data first; the other ranks then read it from the cache.
     with training_args.main_process_first(desc="loading the dataset"):
         dataset = load_datasets(script_args, dataset_args)
-        train_dataset = _split(dataset, script_args.dataset_train_split, "training")
+        train_dataset = split(dataset, script_args.dataset_train_split, "training")
         eval_dataset = None
         if training_args.eval_strategy != "no":
-            eval_dataset = _split(dataset, script_args.dataset_test_split, "evaluation")
+            eval_dataset = split(dataset, script_args.dataset_test_split, "evaluation")
 
-    trainer = TRAINERS[script_args.method](
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
-
+    trainer = build_trainer(script_args.method, training_args, model_args, train_dataset, eval_dataset)
     # What the model card says (also on the cards written at each checkpoint).
     trainer.model_card_kwargs.update(
         dataset_name=card_dataset_names(script_args, dataset_args),

@@ -6,7 +6,8 @@ r"""The audit's own numbers, beyond the trainers' reference report: pure functio
 - the misaligned fraction per completion-length bucket;
 - how often the reference is *confident* on the pairs it gets "wrong" (where a flipped label is the other
   explanation);
-- what CPO and E-CPOC do to the misaligned pairs at given settings (the share they lift to a target ``>= 0``);
+- what CPO and E-CPOC do to the misaligned pairs at given settings (the share they lift to a target ``>= 0``: their
+  entries' `effects` in `trl_cpo.methods`, which the reference report prints too);
 - the verdict: :func:`recommend`.
 
 The thresholds below are rules of thumb chosen for this tool, not values from the paper.
@@ -19,8 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from trl_cpo.losses import cpo_margin, ecpoc_target
+from trl_cpo.logps import is_length_normalized
+from trl_cpo.methods import METHODS, Pairs
 from trl_cpo.report import QUANTILES, wilson_interval
+
+#: The methods the verdict chooses between, by their entries: their `effects` are the numbers it reads.
+CPO, ECPOC = METHODS["cpo"], METHODS["ecpoc"]
 
 #: Verdict "DPO is fine" when the upper end of the 95% Wilson interval of the misaligned fraction is at most this:
 #: then DPO's assumption holds on at least 95% of pairs, with 95% confidence (a small sample with no misaligned pair
@@ -144,43 +149,6 @@ def confident_misaligned(delta_ref: torch.Tensor, quantile: float = CONFIDENT_QU
     }, mask
 
 
-def cpo_lift(
-    delta_ref: torch.Tensor,
-    chosen_per_token: torch.Tensor,
-    rejected_per_token: torch.Tensor,
-    *,
-    beta: float,
-    gamma: float,
-    margin_type: str,
-    max_margin: float,
-) -> dict[str, float]:
-    """What CPO at `gamma` does: share of misaligned pairs lifted (``delta_ref + m / beta >= 0``), share of margins at
-    the cap. `delta_ref` in the loss's space, the margin from per-token log-probs (as the trainers compute it)."""
-    margin = cpo_margin(
-        chosen_per_token, rejected_per_token, gamma=gamma, margin_type=margin_type, max_margin=max_margin
-    )
-    misaligned = delta_ref < 0
-    lifted = (delta_ref + margin / beta)[misaligned] >= 0
-    at_cap = margin.abs() >= max_margin * (1 - 1e-6)
-    return {
-        "cpo_gamma": float(gamma),
-        "lifted_fraction": _share(lifted) if int(misaligned.sum()) else 1.0,
-        "margin_at_cap_fraction": _share(at_cap) if gamma > 0 else 0.0,
-    }
-
-
-def ecpoc_lift(delta_ref: torch.Tensor, *, gamma: float, tau: float, alpha: float) -> dict[str, float]:
-    """Share of misaligned pairs whose E-CPOC target is ``>= 0`` (with ``alpha = 1`` every one: the target is at least
-    ``max(delta_ref, gamma)``), and the share of pairs where the floor binds (``delta_ref < gamma``)."""
-    misaligned = delta_ref < 0
-    target = ecpoc_target(delta_ref, torch.zeros_like(delta_ref), gamma=gamma, tau=tau, alpha=alpha)
-    return {
-        "ecpoc_gamma": float(gamma),
-        "lifted_fraction": _share(target[misaligned] >= 0) if int(misaligned.sum()) else 1.0,
-        "floor_binding_fraction": _share(delta_ref < gamma),
-    }
-
-
 @dataclass(frozen=True)
 class Verdict:
     """What the numbers say to do. `branch` is one of `BRANCHES`."""
@@ -237,7 +205,7 @@ def recommend(
         text = (
             f"CPO at {gamma_source} cpo_gamma={cpo['cpo_gamma']:.4g} lifts {lift:.0%} of {where} ({pct} of pairs) to "
             f"a target >= 0, with {cap:.0%} of margins at cpo_max_margin: "
-            + ("train CPO as configured." if method == "cpo" else "CPOTrainer at that setting does the job.")
+            + ("train CPO as configured." if method == CPO.name else "CPOTrainer at that setting does the job.")
         )
     elif (
         recommended_cpo_gamma is not None
@@ -265,7 +233,7 @@ def recommend(
             f"Use E-CPOC: CPO at {gamma_source} cpo_gamma={cpo['cpo_gamma']:.4g} lifts {lift:.0%} of {where} "
             f"({pct} of pairs), and no cpo_gamma does the job: {why.rstrip('.')}. E-CPOC floors the target at "
             f"ecpoc_gamma (for ecpoc_alpha <= 1), whatever the reference's confidence: at ecpoc_gamma={ecpoc['ecpoc_gamma']:g} it lifts {ecpoc['lifted_fraction']:.0%} of "
-            f"them (ECPOCTrainer{', as configured' if method == 'ecpoc' else ''})."
+            f"them (ECPOCTrainer{', as configured' if method == ECPOC.name else ''})."
         )
     caveat = ""
     if num_misaligned:
@@ -292,55 +260,29 @@ def finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def cpo_settings(config) -> dict[str, object]:
-    """CPO fields of `config`, CPOConfig's defaults where it has none (an ECPOCConfig), as `reference_report` reads."""
-    from trl_cpo.cpo_config import CPOConfig
-
-    return {
-        name: getattr(config, name, getattr(CPOConfig, name))
-        for name in ("cpo_gamma", "cpo_margin_type", "cpo_max_margin")
-    }
-
-
-def ecpoc_settings(config) -> dict[str, object]:
-    """E-CPOC fields of `config`, ECPOCConfig's defaults where it has none."""
-    from trl_cpo.ecpoc_config import ECPOCConfig
-
-    return {
-        name: getattr(config, name, getattr(ECPOCConfig, name)) for name in ("ecpoc_gamma", "ecpoc_tau", "ecpoc_alpha")
-    }
-
-
 def analyze(reference, config, method: str, report) -> dict[str, object]:
-    """Every audit number for `reference` (a `ReferenceLogps`) under the training `config` of `method`, given the
-    trainers' `report` on the same inputs. Per-pair arrays are under "per_pair"."""
-    from trl_cpo.logps import is_length_normalized
-
+    """Every audit number for `reference` (a `ReferenceLogps`) under the training `config` of `method` (its name in
+    `trl_cpo.methods.METHODS`), given the trainers' `report` on the same inputs. Per-pair arrays are under
+    "per_pair"."""
     length_normalized = is_length_normalized(config.loss_type)
     summed = reference.delta_ref(False)
     per_token = reference.delta_ref(True)
     delta = per_token if length_normalized else summed
-    chosen_tok, rejected_tok = reference.per_token()
+    pairs = Pairs(delta, *reference.per_token())
     confident, confident_mask = confident_misaligned(delta)
-    cpo_fields = cpo_settings(config)
-    lift_kwargs = dict(
-        beta=config.beta, margin_type=cpo_fields["cpo_margin_type"], max_margin=cpo_fields["cpo_max_margin"]
-    )
-    cpo = cpo_lift(delta, chosen_tok, rejected_tok, gamma=cpo_fields["cpo_gamma"], **lift_kwargs)
+    # Each compared method at `config`'s settings for it (its config class's defaults where `config` has none).
+    cpo_fields, ecpoc_fields = CPO.settings(config), ECPOC.settings(config)
+    cpo = CPO.effects_at(pairs, config.beta, cpo_fields)
     recommended = report.recommended_cpo_gamma
     cpo_at_recommended = (
-        cpo_lift(delta, chosen_tok, rejected_tok, gamma=recommended, **lift_kwargs)
+        CPO.effects_at(pairs, config.beta, {**cpo_fields, "cpo_gamma": recommended})
         if recommended is not None
         else None
     )
-    ecpoc_fields = ecpoc_settings(config)
-    ecpoc = ecpoc_lift(
-        delta, gamma=ecpoc_fields["ecpoc_gamma"], tau=ecpoc_fields["ecpoc_tau"], alpha=ecpoc_fields["ecpoc_alpha"]
-    )
-    n_misaligned = int((delta < 0).sum())
+    ecpoc = ECPOC.effects_at(pairs, config.beta, ecpoc_fields)
     verdict = recommend(
         num_pairs=delta.numel(),
-        num_misaligned=n_misaligned,
+        num_misaligned=int((delta < 0).sum()),
         misaligned_fraction=report.misaligned_fraction,
         misaligned_fraction_ci_high=report.misaligned_fraction_ci_high,
         cpo=cpo,
@@ -351,14 +293,7 @@ def analyze(reference, config, method: str, report) -> dict[str, object]:
         ecpoc=ecpoc,
         confident=confident,
         method=method,
-        cpo_gamma_is_configured=method in ("cpo", "dpo"),
-    )
-    margin = cpo_margin(
-        chosen_tok,
-        rejected_tok,
-        gamma=cpo_fields["cpo_gamma"],
-        margin_type=cpo_fields["cpo_margin_type"],
-        max_margin=cpo_fields["cpo_max_margin"],
+        cpo_gamma_is_configured=hasattr(config, "cpo_gamma"),
     )
     return {
         "loss_space": "per_token" if length_normalized else "summed",
@@ -376,13 +311,7 @@ def analyze(reference, config, method: str, report) -> dict[str, object]:
             "delta_ref_per_token": per_token,
             "misaligned": delta < 0,
             "confident_misaligned": confident_mask,
-            "cpo_target": delta + margin / config.beta,
-            "ecpoc_target": ecpoc_target(
-                delta,
-                torch.zeros_like(delta),
-                gamma=ecpoc_fields["ecpoc_gamma"],
-                tau=ecpoc_fields["ecpoc_tau"],
-                alpha=ecpoc_fields["ecpoc_alpha"],
-            ),
+            "cpo_target": CPO.target_from_config(reference, config),
+            "ecpoc_target": ECPOC.target_from_config(reference, config),
         },
     }

@@ -1,9 +1,10 @@
 """Arguments of `trl-cpo audit`: parsed with `TrlParser` and checked before any data or model loads.
 
-The audit reads the training run's own arguments: the train script's dataclasses (`trl_cpo.scripts.train`, so
-`trl-cpo audit --config <the training YAML>` takes the training run's model, tokenizer, `max_length`, method and
-method settings, and builds the training config with the train script's `to_trainer_config`) plus `AuditArguments`. `output_dir` is where the audit writes; taken from the training YAML it is the
-training run's folder, so the audit's files sit next to the run they describe.
+The audit reads the training run's own arguments, parsed as `trl-cpo train` parses them (`--method` first, then
+`trl_cpo.scripts._method_args.parse`): the train script's `CPOScriptArguments`, the method's config class, TRL's
+`ModelConfig` and `DatasetMixtureConfig`, plus `AuditArguments`. So `trl-cpo audit --config <the training YAML>` takes
+the training run's model, tokenizer, `max_length`, method and method settings. `output_dir` is where the audit writes;
+taken from the training YAML it is the training run's folder, so the audit's files sit next to the run they describe.
 
 Every user error raises `AuditError` with one line naming the flag and the fix; `trl-cpo audit` prints it and exits
 with status 2 (`USER_ERROR`), without a traceback.
@@ -12,6 +13,8 @@ with status 2 (`USER_ERROR`), without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
 import re
 import tempfile
@@ -19,10 +22,12 @@ from dataclasses import dataclass, field
 
 from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, TrlParser
 
-from trl_cpo.methods import Method
+from trl_cpo.methods import METHODS, Method
 from trl_cpo.reference_store import DEFAULT_FILE_NAME
-from trl_cpo.scripts.train import METHODS as AUDIT_METHODS
-from trl_cpo.scripts.train import TRAINERS, CPORecipeConfig, CPOScriptArguments, to_trainer_config
+from trl_cpo.scripts import _method_args
+from trl_cpo.scripts.train import CPOScriptArguments
+
+logger = logging.getLogger(__name__)
 
 #: Exit status of a run stopped by a user error (argparse's for bad arguments).
 USER_ERROR = 2
@@ -52,39 +57,52 @@ class AuditArguments:
     )
 
 
-@dataclass
-class AuditTrainingConfig(CPORecipeConfig):
-    """The train script's training arguments, with `output_dir` and `reference_logps_file` described as the audit
-    uses them."""
-
-    output_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": f"Folder for the audit's files ({REPORT_FILE}, {PAIRS_FILE}, {PLOT_FILE}, {DEFAULT_FILE_NAME}); "
-            f"created if missing. Default: the training config's output_dir, else ./{DEFAULT_OUTPUT_DIR}."
-        },
-    )
-    reference_logps_file: str | None = field(
-        default=None,
-        metadata={
-            "help": f"Where the audit writes the train set's reference log-probs (default: --output_dir/"
-            f"{DEFAULT_FILE_NAME}). Set in the training YAML, the same path is what training reads, so the reference "
-            "runs once."
-        },
-    )
+def _raw_post_init(self) -> None:
+    """Raw container: the method's config class validates the values once, in `trainer_config`."""
 
 
-def method_entry(name: str) -> Method:
-    """The method table entry of `--method`'s trainer (the DPO baseline's is CPO's under its own name)."""
-    return TRAINERS[name].method
+@functools.cache
+def audit_config_class(method_name: str) -> type:
+    """The training arguments as the audit parses them: `method_name`'s config class, with `output_dir` and
+    `reference_logps_file` described as the audit uses them, and no `__post_init__` (the audit's overrides go in before
+    the config checks anything; `trainer_config` builds the real config)."""
+    base = METHODS[method_name].config_class
+    fields = [
+        (
+            "output_dir",
+            "str | None",
+            field(
+                default=None,
+                metadata={
+                    "help": f"Folder for the audit's files ({REPORT_FILE}, {PAIRS_FILE}, {PLOT_FILE}, "
+                    f"{DEFAULT_FILE_NAME}); created if missing. Default: the training config's output_dir, else "
+                    f"./{DEFAULT_OUTPUT_DIR}."
+                },
+            ),
+        ),
+        (
+            "reference_logps_file",
+            "str | None",
+            field(
+                default=None,
+                metadata={
+                    "help": f"Where the audit writes the train set's reference log-probs (default: --output_dir/"
+                    f"{DEFAULT_FILE_NAME}). Set in the training YAML, the same path is what training reads, so the "
+                    "reference runs once."
+                },
+            ),
+        ),
+    ]
+    namespace = {"__post_init__": _raw_post_init, "__module__": __name__}
+    return dataclasses.make_dataclass(f"Audit{base.__name__}", fields, bases=(base,), namespace=namespace)
 
 
-def trainer_config(raw: CPORecipeConfig, method: str, work_dir: str) -> DPOConfig:
-    """The config training uses for `method` (the train script's `to_trainer_config`), with what only a training run
-    needs switched off: no saving, logging, evaluation or push; `output_dir` a scratch folder; no reference file (the
-    audit writes it)."""
-    audit_only = dataclasses.replace(
-        raw,
+def trainer_config(raw, method: Method, work_dir: str) -> DPOConfig:
+    """The config training uses for `method`, built from the parsed values, with what only a training run needs
+    switched off: no saving, logging, evaluation or push; `output_dir` a scratch folder; no reference file (the audit
+    writes it)."""
+    values = {f.name: getattr(raw, f.name) for f in dataclasses.fields(method.config_class) if f.init}
+    values.update(
         output_dir=work_dir,
         report_to="none",
         eval_strategy="no",
@@ -94,7 +112,7 @@ def trainer_config(raw: CPORecipeConfig, method: str, work_dir: str) -> DPOConfi
         metric_for_best_model=None,
         reference_logps_file=None,
     )
-    return to_trainer_config(audit_only, method)
+    return method.config_class(**values)
 
 
 class _AuditParser(TrlParser):
@@ -102,9 +120,10 @@ class _AuditParser(TrlParser):
         raise AuditError(f"{message} (see trl-cpo audit --help)")
 
 
-def make_parser() -> TrlParser:
+def make_parser(method: Method = METHODS[CPOScriptArguments.method], other_settings=()) -> TrlParser:
+    training = audit_config_class(method.name)
     return _AuditParser(
-        (AuditArguments, CPOScriptArguments, AuditTrainingConfig, ModelConfig, DatasetMixtureConfig),
+        (AuditArguments, CPOScriptArguments, training, ModelConfig, DatasetMixtureConfig, *other_settings),
         prog="trl-cpo audit",
         description="Score every training pair with the reference before training, as the training run will (same "
         "model, tokenizer, truncation and method settings: pass the training YAML with --config), and report how "
@@ -156,8 +175,12 @@ def _parse(argv: list[str] | None):
         if not os.path.isfile(path):
             raise AuditError(f"--config {path}: no such file. Pass the training run's YAML file.")
     try:
-        return make_parser().parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
+        return _method_args.parse(
+            make_parser,
+            argv,
+            default=CPOScriptArguments.method,
+            return_remaining_strings=True,
+            separate_remaining_strings=True,
         )
     except AuditError:
         raise
@@ -221,15 +244,18 @@ def check_output(output_dir: str, reference_file: str, overwrite: bool) -> None:
 
 def parse(argv: list[str] | None, work_dir: str) -> AuditSettings:
     """Parse and check the arguments; `AuditError` on the first problem. Loads no data and no model."""
-    audit, script, raw, model, datasets, config_leftover, cli_leftover = _parse(argv)
+    method, parsed, ignored = _parse(argv)
+    audit, script, raw, model, datasets, config_leftover, cli_leftover = parsed
+    if ignored:
+        logger.warning(ignored)
     notes = []
     if cli_leftover:
         raise AuditError(f"unrecognized arguments: {' '.join(cli_leftover)} (see trl-cpo audit --help).")
     if config_leftover:
         keys = [item[2:] for item in config_leftover[::2]]
         notes.append(f"--config: ignoring keys the audit does not read: {', '.join(keys)}.")
-    if script.method not in AUDIT_METHODS:
-        raise AuditError(f"--method {script.method!r} is unknown: use one of {list(AUDIT_METHODS)}.")
+    if script.method not in METHODS:
+        raise AuditError(f"--method {script.method!r} is unknown: use one of {list(METHODS)}.")
     _check_model(model.model_name_or_path)
     if not script.dataset_name and not datasets.datasets:
         raise AuditError(
@@ -244,7 +270,7 @@ def parse(argv: list[str] | None, work_dir: str) -> AuditSettings:
     if audit.max_samples is not None and (not isinstance(audit.max_samples, int) or audit.max_samples <= 0):
         raise AuditError(f"--max_samples {audit.max_samples}: must be a positive integer, or unset for every pair.")
     try:
-        config = trainer_config(raw, script.method, work_dir)
+        config = trainer_config(raw, method, work_dir)
     except (ValueError, TypeError) as error:
         raise _flag_error(error) from None
     output_dir = raw.output_dir or DEFAULT_OUTPUT_DIR
@@ -256,7 +282,7 @@ def parse(argv: list[str] | None, work_dir: str) -> AuditSettings:
         model=model,
         datasets=datasets,
         trainer_config=config,
-        method=method_entry(script.method),
+        method=method,
         output_dir=output_dir,
         reference_file=reference_file,
         notes=notes,

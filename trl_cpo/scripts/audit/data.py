@@ -1,6 +1,6 @@
 """The training data, loaded by the train script's own loader, and checked so that bad input fails with one line.
 
-`trl_cpo.scripts.train.load_datasets` reads a `datasets:` mixture (`trl.get_dataset`) or `--dataset_name` (a
+`trl_cpo.dataset_loading.load_datasets` reads a `datasets:` mixture (`trl.get_dataset`) or `--dataset_name` (a
 `save_to_disk` folder, a local data file whose rows form the `train` split, or anything `datasets.load_dataset` takes);
 then `--dataset_train_split` and the same layout fix (`drop_redundant_prompt`). The split handed to the trainer is
 exactly training's; the checks below read it without changing it.
@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from trl_cpo.scripts.train import drop_redundant_prompt, load_datasets
+from trl_cpo.dataset_loading import drop_redundant_prompt, load_datasets
 
 from .args import AuditError, AuditSettings
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from trl_cpo import _trl_compat
 from trl_cpo.fingerprint import ReferenceFingerprint, reference_fingerprint
 from trl_cpo.reference import ReferenceLogps
-from trl_cpo.scripts.train import TRAINERS, set_model_init_kwargs
+from trl_cpo.scripts import train as train_script
 
 from .args import AuditError, AuditSettings
 from .data import _first_line
@@ -41,19 +41,9 @@ class Scored:
 
 
 def build_trainer(settings: AuditSettings, dataset):
-    """Construct `--method`'s trainer as the train script's `train` does (same `model_init_kwargs`, quantization and
-    PEFT config); this loads the model and runs the precompute."""
-    from trl import get_peft_config, get_quantization_config
-
-    config, model_args = settings.trainer_config, settings.model
-    set_model_init_kwargs(config, model_args)  # as training loads the model
-    return TRAINERS[settings.script.method](
-        model=model_args.model_name_or_path,
-        args=config,
-        train_dataset=dataset,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
+    """Construct `--method`'s trainer with the train script's own `build_trainer` (same `model_init_kwargs`,
+    quantization and PEFT config); this loads the model and runs the precompute."""
+    return train_script.build_trainer(settings.method.name, settings.trainer_config, settings.model, dataset)
 
 
 def _check_chat_template(settings: AuditSettings, dataset) -> None:

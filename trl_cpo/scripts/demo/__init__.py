@@ -4,8 +4,12 @@ A small-scale version of the misaligned-reference experiment of arXiv:2605.20834
 
 - `task`: the synthetic preference task, the corrupted reference's SFT data, tokenization and log-probs;
 - `optimum`: the population optimum of each loss under label noise (the table's `predicted` column);
-- `run`: the arguments (`DemoArguments`, parsed by `trl.TrlParser`), up-front checks and the experiment loop;
-- `report`: intervals across seeds, the tables, the plots and `results.json`.
+- `rows`: the rows of the experiment (TRL's DPOTrainer, or a `trl_cpo.methods.METHODS` entry at settings of its own),
+  their configs, trainers and targets;
+- `args`: the arguments (`DemoArguments`) and every check made before anything trains;
+- `measure`: held-out accuracy and U-fraction;
+- `run`: the experiment loop and `main`;
+- `report`, `stats`, `plots`: numbers across seeds, the tables, `results.json` and the figures.
 
 Not related to TRL's Contrastive Preference Optimization (``trl.experimental.cpo``): same acronym, different method.
 """
