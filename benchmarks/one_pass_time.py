@@ -90,7 +90,7 @@ def measure(args, work: str) -> dict:
     """Audit once in `work`, then construct the trainer `args.rounds` times each way; print and return the timings."""
     import torch
 
-    import trl_cpo._margin_trainer as margin_trainer
+    import trl_cpo.precompute as precompute
     from trl_cpo import CPOConfig, CPOTrainer
     from trl_cpo.scripts import audit
     from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
@@ -143,8 +143,8 @@ def measure(args, work: str) -> dict:
 
         return wrapper
 
-    margin_trainer.compute_reference_logps = timed("forward", margin_trainer.compute_reference_logps)
-    margin_trainer.reference_fingerprint = timed("fingerprint", margin_trainer.reference_fingerprint)
+    precompute.compute_reference_logps = timed("forward", precompute.compute_reference_logps)
+    precompute.reference_fingerprint = timed("fingerprint", precompute.reference_fingerprint)
 
     start = time.perf_counter()
     assert audit.main(["--config", config_file]) == 0

@@ -115,6 +115,7 @@ def column_margins(trainer, dataset, reference) -> torch.Tensor:
     `ref_rejected_logps`), with the completion lengths of `reference` (the trainer's stored reference of that split)."""
     from trl_cpo.reference import ReferenceLogps
 
+    trainer.precompute_reference()  # the columns are added when training or evaluation starts
     columns = (torch.tensor(dataset["ref_chosen_logps"]), torch.tensor(dataset["ref_rejected_logps"]))
     return trainer.reference_margin(ReferenceLogps(*columns, reference.chosen_lengths, reference.rejected_lengths))
 

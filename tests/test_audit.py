@@ -10,7 +10,7 @@ import yaml
 from datasets import Dataset, DatasetDict, load_dataset
 from helpers import WORDS, logp_by_hand, spaced_pairs
 
-import trl_cpo._margin_trainer as margin_trainer
+import trl_cpo.precompute as precompute
 from trl_cpo import CPOConfig, CPOTrainer
 from trl_cpo.reference import ReferenceLogps
 from trl_cpo.reference_store import read_reference_logps
@@ -97,7 +97,9 @@ def cpo_trainer(workspace, tmp_path, dataset=None, model=None, peft_config=None,
 @pytest.fixture(scope="module")
 def trained(workspace, tmp_path_factory):
     """A CPO training run's trainer on the same model, data and settings (its precompute ran)."""
-    return cpo_trainer(workspace, tmp_path_factory.mktemp("train"))
+    trainer = cpo_trainer(workspace, tmp_path_factory.mktemp("train"))
+    trainer.precompute_reference()  # what train() runs first
+    return trainer
 
 
 # -- same numbers as training ------------------------------------------------------------------------------------------
@@ -387,13 +389,13 @@ def test_every_user_error_is_one_line_with_exit_status_2(workspace, tmp_path, lo
 def forwards(monkeypatch):
     """Count the trainers' reference precompute passes."""
     calls = []
-    real = margin_trainer.compute_reference_logps
+    real = precompute.compute_reference_logps
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("desc"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(margin_trainer, "compute_reference_logps", counting)
+    monkeypatch.setattr(precompute, "compute_reference_logps", counting)
     return calls
 
 
@@ -404,6 +406,7 @@ def test_training_reuses_the_audits_reference_file(audited, workspace, trained, 
     reference, fingerprint, _ = read_reference_logps(path)
     assert fingerprint.to_dict() == report["fingerprint"]
     trainer = cpo_trainer(workspace, tmp_path, reference_logps_file=path, max_steps=2)
+    trainer.precompute_reference()  # what train() runs first
     assert forwards == []  # no reference forward ran
     torch.testing.assert_close(
         trainer.reference_margin(trainer.train_reference_logps),
@@ -420,10 +423,12 @@ def test_an_audit_without_peft_serves_a_lora_run_on_the_same_base(audited, works
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"])
     path = workspace["reference_logps_file"]
     trainer = cpo_trainer(workspace, tmp_path, peft_config=lora, reference_logps_file=path)
+    trainer.precompute_reference()
     assert forwards == [] and hasattr(trainer.model, "peft_config")
     assert trainer.train_dataset["ref_rejected_logps"] == trained.train_dataset["ref_rejected_logps"]
     # And that is right: the reference of a LoRA run, its base with the adapter disabled, scores as the audit did.
-    own = cpo_trainer(workspace, tmp_path, peft_config=lora)
+    own = cpo_trainer(workspace, tmp_path, peft_config=lora, reference_cache=False)  # not the audit's store entry
+    own.precompute_reference()
     assert len(forwards) == 1
     torch.testing.assert_close(own.train_reference_logps.rejected, trained.train_reference_logps.rejected)
 

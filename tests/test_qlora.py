@@ -240,10 +240,12 @@ def test_first_step_check_stops_a_run_whose_adapters_get_no_gradient(model_dir, 
     """Without the repack switch-off, the precompute repacks the base; the first step must stop the run, not train."""
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
     monkeypatch.setattr("trl_cpo._margin_trainer.keep_4bit_layers_trainable", lambda model: None)
+    monkeypatch.setattr("trl_cpo.precompute.keep_4bit_layers_trainable", lambda model: None)
     lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = CPOTrainer(
         load_4bit(model_dir), args=CPOConfig(**cpu_args(tmp_path)), train_dataset=train_dataset, peft_config=lora
     )
+    trainer.precompute_reference()  # what train() runs first
     assert len(repacked_4bit_layers(trainer.model)) == 14  # what bitsandbytes did during the precompute
     lora_before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     with pytest.raises(RuntimeError, match=r"14 bitsandbytes 4-bit layers are in bitsandbytes' CPU inference layout"):

@@ -18,8 +18,7 @@ import torch
 from datasets import Dataset
 from helpers import REPO, cpu_args, make_pairs, subprocess_env
 
-from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
-from trl_cpo import _margin_trainer as margin_trainer
+from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer, precompute
 from trl_cpo.fingerprint import ReferenceFingerprint
 from trl_cpo.reference import ReferenceLogps
 from trl_cpo.reference_store import (
@@ -36,13 +35,13 @@ from trl_cpo.tiny import build_tiny_llama
 def passes(monkeypatch):
     """Counts reference passes (`compute_reference_logps` calls made by the trainers)."""
     calls = []
-    original = margin_trainer.compute_reference_logps
+    original = precompute.compute_reference_logps
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(margin_trainer, "compute_reference_logps", counting)
+    monkeypatch.setattr(precompute, "compute_reference_logps", counting)
     return calls
 
 

@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from . import _trl_compat
@@ -25,18 +25,17 @@ from ._config_utils import from_dpo_config
 from ._distributed import end_distributed_run
 from ._grad_check import FirstStepGradientCheck
 from .checkpoints import prepare_resume, save_reference, write_after_trainer_state
-from .data import LengthReport, pair_digests, prepare_with_length_report, validate_datasets
-from .fingerprint import reference_fingerprint
+from .data import LengthReport, prepare_with_length_report, validate_datasets
 from .logps import PolicyLogpsRecorder, is_length_normalized, to_loss_space
 from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import write_model_card
+from .precompute import ReferencePrecompute
 from .quantization import keep_4bit_layers_trainable
-from .reference import ReferenceLogps, compute_reference_logps, with_columns
+from .reference import ReferenceLogps
 from .reference_source import RunningReference, resolve_precompute
-from .reference_store import ReferenceStore, load_matching_reference_logps
 from .report import ReferenceReport, reference_report
-from .report_callback import REPORT_MARKER, announce_report
+from .report_callback import REPORT_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ logger = logging.getLogger(__name__)
 REFERENCE_COLUMNS = _trl_compat.REFERENCE_COLUMNS
 
 
-class _ReferenceMarginTrainer(DPOTrainer):
+class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
     """DPOTrainer whose loss target is raised by a per-pair margin computed once from the frozen reference."""
 
     #: The method's entry in `trl_cpo.methods.METHODS` (config class, target, logged metric).
@@ -72,13 +71,9 @@ class _ReferenceMarginTrainer(DPOTrainer):
         validate_datasets(train_dataset, eval_dataset)
         #: What `max_length` dropped or truncated in each prepared dataset (`trl_cpo.data.LengthReport`), by name.
         self.length_reports: dict[str, LengthReport] = {}
-        #: Reference log-probs of the train set and of each eval set (keyed like DPOTrainer names them: "eval", or
-        #: the keys of an eval dict), filled by the precompute.
-        self.train_reference_logps: ReferenceLogps | None = None
-        self.eval_reference_logps: dict[str, ReferenceLogps] = {}
-        #: What the reference says about the train set (`trl_cpo.report`): computed at the precompute, or (live
-        #: reference) over the train pairs seen so far, refreshed at each log.
-        self.reference_report: ReferenceReport | None = None
+        # `train_reference_logps`, `eval_reference_logps`, `reference_report`: filled when first needed
+        # (`trl_cpo.precompute`).
+        self._init_precompute()
         #: Live reference only: the train pairs' reference log-probs seen so far.
         self._running_reference = RunningReference()
         self._report_logged = False
@@ -94,6 +89,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
             eval_dataset=eval_dataset,
             **kwargs,
         )
+        self._deferring = False  # DPOTrainer's precompute calls are recorded; later ones compute at once
         self._policy_logps = PolicyLogpsRecorder(self.model)
         # Under DeepSpeed and FSDP `.grad` does not hold a rank's full gradient: only the 4-bit layout is checked.
         self.add_callback(
@@ -103,6 +99,7 @@ class _ReferenceMarginTrainer(DPOTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if eval_dataset is not None:
             validate_datasets(None, eval_dataset)
+        self.precompute_reference(*[key for key in self._pending if key[0] == "eval"])
         return super().evaluate(
             eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
         )
@@ -145,74 +142,6 @@ class _ReferenceMarginTrainer(DPOTrainer):
         space: handing DPO's loss `delta_ref + margin / beta` as the reference log-odds gives the method's loss."""
         target = self.method.target_from_config(reference, self.args)
         return self.args.beta * (target - reference.delta_ref(self.length_normalized))
-
-    # -- precompute ---------------------------------------------------------------------------------------------------
-
-    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
-        # Replaces DPOTrainer's precompute (same call sites: __init__ for the train set then each eval set, and
-        # evaluate) with one that keeps the result in memory on every rank and adds the margin column.
-        if isinstance(dataset, IterableDataset):
-            if self._precompute_asked:  # an explicit precompute_ref_log_probs=True: fail in TRL's own words
-                return super()._precompute_ref_logps(dataset, name, batch_size)
-            # A streamed set passed to `evaluate()` when the data let the run precompute: scored with the live
-            # reference, which exists while the policy is still the reference, or as a ref_model or PEFT base.
-            if self.state.global_step > 0 and self.ref_model is None and not _trl_compat.is_peft(self.model):
-                raise ValueError(
-                    f"Cannot score the streamed eval set {name!r} against the reference after training started: with "
-                    "full fine-tuning and no ref_model, the reference is not kept once its log-probs are precomputed. "
-                    "Pass it as eval_dataset when building the trainer, pass a ref_model, or materialize it "
-                    "(`Dataset.from_generator`) so it is precomputed before training."
-                )
-            return dataset
-        # The precompute is an eval-mode, no-grad forward of the policy: keep bitsandbytes from repacking its 4-bit
-        # layers into a CPU inference layout that cannot be trained afterwards.
-        keep_4bit_layers_trainable(self.model)
-        is_train = dataset is self.train_dataset
-        # A dataset that went through this step before (e.g. `evaluate(trainer.eval_dataset)`) is recomputed from
-        # scratch: its old columns must not reach the reference forward.
-        stale = [c for c in REFERENCE_COLUMNS if c in dataset.column_names]
-        dataset = dataset.remove_columns(stale) if stale else dataset
-        row_digests = pair_digests(dataset)  # binds checkpoints (and the store's entries) to these exact pairs
-        reference = self._stored_or_computed_reference(dataset, name, batch_size, row_digests, is_train)
-        reference.row_digests = row_digests
-        if is_train:
-            self.train_reference_logps = reference
-            self._choose_method_settings(reference)
-            self.reference_report = self._report(reference)
-            announce_report(self, self.reference_report)
-        else:
-            self.eval_reference_logps[name] = reference
-        return self._with_reference(dataset, reference)
-
-    def _stored_or_computed_reference(self, dataset, name, batch_size, row_digests, is_train) -> ReferenceLogps:
-        # The audit's file when `reference_logps_file` names it (refused, saying why, if it was computed on other
-        # inputs); else the reference store's entry for this fingerprint; else one reference pass, then stored.
-        if is_train and self.args.reference_logps_file:
-            fingerprint = reference_fingerprint(self, dataset, row_digests)
-            return load_matching_reference_logps(self.args.reference_logps_file, fingerprint)
-        store = ReferenceStore(self.args.reference_cache_dir) if self.args.reference_cache else None
-        fingerprint = reference_fingerprint(self, dataset, row_digests) if store is not None else None
-        found = store.lookup(fingerprint) if store is not None else None
-        # Every rank takes the same branch: the pass gathers over ranks.
-        flag = torch.tensor([0.0 if found is None else 1.0], device=self.accelerator.device)
-        if self.accelerator.gather(flag).min().item() == 1.0:
-            logger.info(
-                "Reference log-probs of %s (%d pairs) read from %s.", name, len(found), store.path(fingerprint)
-            )
-            return found
-        reference = compute_reference_logps(
-            self, dataset, batch_size=batch_size, desc=f"Computing reference log-probs for {name} dataset"
-        )
-        if store is not None and self.accelerator.is_main_process:
-            path = store.write(fingerprint, reference)
-            logger.info("Reference log-probs of %s (%d pairs) computed; stored in %s.", name, len(reference), path)
-        return reference
-
-    @staticmethod
-    def _with_reference(dataset, reference: ReferenceLogps):
-        # DPOTrainer's own columns: the margin is computed from them in the loss step.
-        columns = {_trl_compat.REF_CHOSEN_LOGPS: reference.chosen, _trl_compat.REF_REJECTED_LOGPS: reference.rejected}
-        return with_columns(dataset, columns)
 
     def _choose_method_settings(self, reference: ReferenceLogps) -> None:
         """Settings chosen from the train set's reference before any margin is computed (CPO's `cpo_auto_gamma`)."""
@@ -361,9 +290,16 @@ class _ReferenceMarginTrainer(DPOTrainer):
         write_reference()
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        # `True` means the newest complete checkpoint; a precomputed run takes back the checkpoint's reference.
+        # `True` means the newest complete checkpoint. What can refuse the resume is checked before any reference
+        # forward, and a checkpoint's valid reference is used as is; what is still pending is computed now, before
+        # the first step, while the policy is the reference.
         resume_from_checkpoint = prepare_resume(self, resume_from_checkpoint)
+        self.precompute_reference()
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def predict(self, test_dataset, *args, **kwargs):
+        self.precompute_reference(*[key for key in self._pending if key[0] == "eval"])
+        return super().predict(test_dataset, *args, **kwargs)
 
     def _margin_settings(self) -> dict[str, object]:
         """The settings that shape the per-pair margin: a resumed run must use the same ones (checked on resume).

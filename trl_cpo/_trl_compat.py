@@ -156,7 +156,7 @@ ASSUMPTIONS: dict[str, Assumption] = {
             "_precompute_ref_logps(dataset, name, batch_size) -> dataset is called once per dataset: in __init__ for "
             "the train set ('train', passed as the object trainer.train_dataset) then each eval set ('eval' or the eval "
             "dict's keys), and in evaluate() for each dataset passed to it; its return value replaces the dataset",
-            ("trl_cpo._margin_trainer._ReferenceMarginTrainer._precompute_ref_logps",),
+            ("trl_cpo.precompute.ReferencePrecompute._precompute_ref_logps",),
             f"{_DPO}:DPOTrainer._precompute_ref_logps",
         ),
         Assumption(

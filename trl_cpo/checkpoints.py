@@ -27,7 +27,11 @@ import os
 import re
 from collections.abc import Callable, Iterator
 
-from .data import describe_pair_difference, fingerprint
+import torch
+
+from ._trl_compat import REFERENCE_COLUMNS
+from .data import describe_pair_difference, fingerprint, pair_digests
+from .precompute import reference_weights
 from .reference import ReferenceLogps
 from .reference_store import (
     REFERENCE_FILE,
@@ -152,8 +156,8 @@ def write_after_trainer_state(trainer, folder: str, write: Callable[[], None]) -
 
 
 def reference_metadata(trainer, splits: dict[str, ReferenceLogps]) -> dict[str, object]:
-    """What binds a checkpoint's reference file to its run: the method, its settings, the margin settings, and a
-    fingerprint of each split's pairs."""
+    """What binds a checkpoint's reference file to its run: the method, its settings, the margin settings, a
+    fingerprint of each split's pairs, and the digest of the reference weights."""
     return {
         "method": trainer.method.name,
         "settings": trainer.method.settings(trainer.args),
@@ -163,21 +167,27 @@ def reference_metadata(trainer, splits: dict[str, ReferenceLogps]) -> dict[str, 
             for name, reference in splits.items()
             if reference.row_digests is not None
         },
+        "reference_weights": trainer.reference_weights,
     }
 
 
 def check_checkpoint_binding(trainer, checkpoint: str, saved: ReferenceLogps, metadata: dict) -> None:
-    """Refuse a resume whose train pairs (token ids, order) or margin settings differ from the checkpoint's."""
-    current = trainer.train_reference_logps
+    """Refuse a resume whose train pairs (token ids, order) or margin settings differ from the checkpoint's.
+
+    The pairs are compared through their digests (`trl_cpo.data.pair_digests`, computed from the tokenized train set,
+    no forward). A file written before digests existed is compared by count and completion lengths, which needs this
+    run's reference log-probs.
+    """
     problems = []
-    if saved.row_digests is not None and current.row_digests is not None:
-        difference = describe_pair_difference(saved.row_digests, current.row_digests)
+    if saved.row_digests is not None:
+        difference = describe_pair_difference(saved.row_digests, pair_digests(trainer.train_dataset))
     else:
         logger.warning(
             "Checkpoint %s predates data fingerprints: only the number of pairs and their completion lengths can "
-            "be compared with this train_dataset.",
+            "be compared with this train_dataset (which needs its reference log-probs computed).",
             checkpoint,
         )
+        current = trainer.train_reference_logps
         difference = (
             None
             if saved.same_pairs(current)
@@ -207,51 +217,49 @@ def check_checkpoint_binding(trainer, checkpoint: str, saved: ReferenceLogps, me
 
 
 def restore_reference(trainer, checkpoint: str) -> None:
-    """Train (and evaluate) against the reference log-probs the checkpoint was trained with."""
-    saved, metadata = load_reference_file(checkpoint_reference_path(checkpoint))
+    """Train (and evaluate) against the reference log-probs the checkpoint was trained with, with no reference
+    forward: everything is checked from the file and the tokenized pairs first."""
+    path = checkpoint_reference_path(checkpoint)
+    saved, metadata = load_reference_file(path)
     if "train" not in saved:
-        raise ReferenceFileError(
-            checkpoint_reference_path(checkpoint), f"it holds no 'train' split (its splits: {list(saved)})"
-        )
+        raise ReferenceFileError(path, f"it holds no 'train' split (its splits: {list(saved)})")
     train = saved.pop("train")
-    current = trainer.train_reference_logps
     check_checkpoint_binding(trainer, checkpoint, train, metadata)
     trainer._restore_chosen_settings(metadata.get("settings", {}), checkpoint)
-    drift = max((train.chosen - current.chosen).abs().max(), (train.rejected - current.rejected).abs().max())
-    if drift > 1e-4:
+    saved_weights, weights = metadata.get("reference_weights"), reference_weights(trainer)
+    if None not in (saved_weights, weights) and saved_weights != weights:
         logger.warning(
-            "The reference rebuilt for this run differs from the one the checkpoint was trained against (max "
-            "log-prob difference %.3g); resuming with the checkpoint's reference log-probs and margins.",
-            drift.item(),
+            "The model given to this trainer differs from the one the checkpoint was trained against (%s: weights "
+            "digest %s, now %s); resuming with the checkpoint's reference log-probs and margins, without a reference "
+            "pass. Pass the model the run started from to score new eval data against the same reference.",
+            checkpoint,
+            saved_weights[:12],
+            weights[:12],
         )
-    trainer.train_reference_logps = train
-    trainer.reference_report = trainer._report(train)
-    trainer.train_dataset = trainer._with_reference(trainer.train_dataset, train)
+    trainer.reference_weights = saved_weights or weights
+    if train.row_digests is None:
+        train.row_digests = pair_digests(trainer.train_dataset)
+    trainer.set_train_reference(train, chosen_settings=False)
     for key, reference in saved.items():
         name = key.removeprefix("eval/")
-        dataset, current = eval_dataset_named(trainer, name), trainer.eval_reference_logps.get(name)
-        if dataset is None or current is None or not reference.same_pairs(current):
-            logger.warning("Eval set %r of the checkpoint is not among this trainer's; left as computed.", name)
-            continue
-        trainer.eval_reference_logps[name] = reference
-    # Every eval set gets margins from the restored reference and settings (a cpo_gamma chosen by cpo_auto_gamma).
-    for name, reference in trainer.eval_reference_logps.items():
         dataset = eval_dataset_named(trainer, name)
-        if dataset is not None:
-            set_eval_dataset_named(trainer, name, trainer._with_reference(dataset, reference))
+        if dataset is None or not _same_pairs(reference, dataset):
+            logger.warning("Eval set %r of the checkpoint is not among this trainer's; left to be computed.", name)
+            continue
+        trainer.set_eval_reference(name, reference)
+
+
+def _same_pairs(reference: ReferenceLogps, dataset) -> bool:
+    if reference.row_digests is None:
+        return False
+    stale = [c for c in REFERENCE_COLUMNS if c in dataset.column_names]
+    return torch.equal(reference.row_digests, pair_digests(dataset.remove_columns(stale) if stale else dataset))
 
 
 def eval_dataset_named(trainer, name: str):
     if isinstance(trainer.eval_dataset, dict):
         return trainer.eval_dataset.get(name)
     return trainer.eval_dataset if name == "eval" else None
-
-
-def set_eval_dataset_named(trainer, name: str, dataset) -> None:
-    if isinstance(trainer.eval_dataset, dict):
-        trainer.eval_dataset = {**trainer.eval_dataset, name: dataset}
-    else:
-        trainer.eval_dataset = dataset
 
 
 def save_reference(trainer, folder: str) -> None:
