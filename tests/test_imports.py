@@ -32,10 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 MAX_LINES = 400
 
 #: Files over `MAX_LINES` owned by the core rewrite of issue 17 (one strict xfail each; remove it with the fix).
-KNOWN_LONG_FILES = {
-    "trl_cpo/_margin_trainer.py": "trl_cpo/_margin_trainer.py is over 400 lines (core file, issue 17's core rewrite)",
-    "trl_cpo/_trl_compat.py": "trl_cpo/_trl_compat.py is over 400 lines (core file, issue 17's core rewrite)",
-}
+KNOWN_LONG_FILES: dict[str, str] = {}
 
 
 def module_name(path: Path) -> str:

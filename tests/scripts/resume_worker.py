@@ -67,7 +67,7 @@ def block(run_dir):
 def install_block(trainer, run_dir, point, kill_step):
     from transformers.trainer_callback import TrainerState
 
-    import trl_cpo.reference as reference_module
+    import trl_cpo.reference_store as reference_module
 
     folder = os.path.join(run_dir, f"checkpoint-{kill_step}")
     is_target = lambda path: os.path.abspath(str(path)).startswith(os.path.abspath(folder))  # noqa: E731
