@@ -170,6 +170,7 @@ def measure(args):
                 train_dataset=load_from_disk(f"{workdir}/data"),
                 processing_class=tok,
             )
+            ours.precompute_reference()  # what train() runs first (DPOTrainer runs it in its constructor)
         trl = DPOTrainer(
             load_model(),
             args=DPOConfig(output_dir=f"{workdir}/trl", **common),

@@ -5,8 +5,9 @@ looks them up in the reference store (`trl_cpo.reference_store`, keyed by what d
 truncation, precision; not `cpo_gamma` or `beta`), so the first run computes and the others read. DPOTrainer caches
 its precompute in a `datasets` cache file whose key includes the prepared dataset's fingerprint.
 
-Timed: the time each run spends in its trainer's `_precompute_ref_logps` (the reference pass, or the store lookup plus
-the fingerprint), summed over the sweep. Both sweeps use the same model, data (the shipped HH pairs, less those the
+Timed: the time each run spends in its trainer's precompute (CPOTrainer's `precompute_reference`, run at the start of
+`train()`: the store lookup plus the fingerprint, else the reference pass; DPOTrainer's `_precompute_ref_logps`, run
+in its constructor), summed over the sweep. Both sweeps use the same model, data (the shipped HH pairs, less those the
 validator refuses: benchmarks/_data.py), batch size and max_length; the store is a fresh temporary folder; the two
 sweeps alternate run by run (CPO, DPO, CPO, DPO, ...). Target (issue 17): ours / TRL's <= 0.3.
 
@@ -98,8 +99,8 @@ def measure(args, work: str) -> dict:
     )
     spent = {"ours": [], "trl": []}
 
-    def timed_precompute(cls, key):
-        original = getattr(cls, PRECOMPUTE_METHOD)
+    def timed_precompute(cls, key, method):
+        original = getattr(cls, method)
 
         @functools.wraps(original)  # keeps the signature the trainers check
         def wrapper(self, *a, **k):
@@ -112,9 +113,11 @@ def measure(args, work: str) -> dict:
         return original, wrapper
 
     restore = {}
-    for cls, key in ((CPOTrainer, "ours"), (DPOTrainer, "trl")):
-        restore[cls], wrapper = timed_precompute(cls, key)
-        setattr(cls, PRECOMPUTE_METHOD, wrapper)
+    # Ours runs its precompute (store lookup, else the pass) in `precompute_reference`, at the start of train();
+    # DPOTrainer in `_precompute_ref_logps`, from its constructor.
+    for cls, key, method in ((CPOTrainer, "ours", "precompute_reference"), (DPOTrainer, "trl", PRECOMPUTE_METHOD)):
+        restore[cls, method], wrapper = timed_precompute(cls, key, method)
+        setattr(cls, method, wrapper)
     try:
         for run, (gamma, beta) in enumerate(zip(GAMMAS, BETAS)):
             with contextlib.redirect_stdout(io.StringIO()):  # our trainer prints its reference report
@@ -123,7 +126,7 @@ def measure(args, work: str) -> dict:
                     args=CPOConfig(output_dir=f"{work}/cpo{run}", cpo_gamma=gamma, **common),
                     train_dataset=load_from_disk(f"{work}/data"),
                     processing_class=tok,
-                )
+                ).precompute_reference()
             DPOTrainer(
                 AutoModelForCausalLM.from_pretrained(f"{work}/model"),
                 args=DPOConfig(output_dir=f"{work}/dpo{run}", beta=beta, **common),
@@ -132,8 +135,8 @@ def measure(args, work: str) -> dict:
             )
             print(f"run {run + 1}: cpo_gamma {gamma} {spent['ours'][-1]:.2f} s, beta {beta} {spent['trl'][-1]:.2f} s")
     finally:
-        for cls, original in restore.items():
-            setattr(cls, PRECOMPUTE_METHOD, original)
+        for (cls, method), original in restore.items():
+            setattr(cls, method, original)
     ours, trl = sum(spent["ours"]), sum(spent["trl"])
     label = "smoke run (not a measurement)" if args.smoke else "measured"
     print(

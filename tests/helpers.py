@@ -110,12 +110,18 @@ def pair_logps(model, tokenizer, rows, length_normalized: bool) -> tuple[torch.T
     return chosen, rejected
 
 
-def column_margins(trainer, dataset, reference) -> torch.Tensor:
-    """The per-pair margins the loss step computes from `dataset`'s reference columns (`ref_chosen_logps`,
-    `ref_rejected_logps`), with the completion lengths of `reference` (the trainer's stored reference of that split)."""
+def column_margins(trainer, split: str = "train") -> torch.Tensor:
+    """The per-pair margins the loss step computes from a split's reference columns (`ref_chosen_logps`,
+    `ref_rejected_logps`), with the completion lengths of the trainer's stored reference of that split. `split`:
+    "train", or an eval set's name ("eval" for a single one)."""
     from trl_cpo.reference import ReferenceLogps
 
     trainer.precompute_reference()  # the columns are added when training or evaluation starts
+    if split == "train":
+        dataset, reference = trainer.train_dataset, trainer.train_reference_logps
+    else:
+        evals = trainer.eval_dataset
+        dataset, reference = (evals[split] if isinstance(evals, dict) else evals), trainer.eval_reference_logps[split]
     columns = (torch.tensor(dataset["ref_chosen_logps"]), torch.tensor(dataset["ref_rejected_logps"]))
     return trainer.reference_margin(ReferenceLogps(*columns, reference.chosen_lengths, reference.rejected_lengths))
 

@@ -64,12 +64,14 @@ def trainer(tmp_path_factory, tokenizer):
     from trl_cpo.tiny import build_tiny_llama
 
     args = CPOConfig(**cpu_args(tmp_path_factory.mktemp("order"), precompute_ref_batch_size=6, disable_tqdm=True))
-    return CPOTrainer(
+    trainer = CPOTrainer(
         build_tiny_llama(tokenizer),
         args=args,
         train_dataset=Dataset.from_list(mixed_length_pairs(40)),
         processing_class=tokenizer,
     )
+    trainer.precompute_reference()  # what train() runs first
+    return trainer
 
 
 def test_longest_first_order(trainer):
@@ -140,6 +142,7 @@ def test_two_processes_uneven_batches(trainer, tmp_path, tokenizer):
 
     # One process, dataset order, same model and tokenization (a trainer built here on the same rows).
     local = CPOTrainer(str(model_dir), args=trainer.args, train_dataset=Dataset.from_list(rows))
+    local.precompute_reference()  # what train() runs first
     dataset = local.train_dataset.remove_columns(REFERENCE_COLUMNS)
     single = compute_reference_logps(local, dataset, batch_size=3, sort_by_length=False)
     for rank in (0, 1):

@@ -216,6 +216,7 @@ def _nan_run(tokenizer, train_dataset, tmp_path, *, stop_on_nonfinite, inject):
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
+    trainer.precompute_reference()  # what train() runs first
     if inject == "margin":
         # What an unchecked damaged reference did: one pair's reference log-prob, and so its margin, is NaN
         # (validation bypassed on purpose).

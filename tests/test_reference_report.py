@@ -252,7 +252,7 @@ def test_auto_gamma_lifts_the_share_trains_and_resumes_with_the_same_gamma(shipp
     assert report.misaligned_fraction > 0.1 and report.lifted_fraction >= 0.9
     # the margins the loss uses are those of the chosen gamma
     ref = trainer.train_reference_logps
-    margins = column_margins(trainer, trainer.train_dataset, ref)
+    margins = column_margins(trainer)
     expected = cpo_margin(*ref.per_token(), gamma=gamma)
     torch.testing.assert_close(margins, expected, rtol=1e-5, atol=1e-6)
     trainer.train()
@@ -273,19 +273,22 @@ def test_auto_gamma_lifts_the_share_trains_and_resumes_with_the_same_gamma(shipp
     assert resumed.args.cpo_gamma != pytest.approx(gamma, rel=1e-6), "the perturbation should change the choice"
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert resumed.args.cpo_gamma == pytest.approx(gamma, rel=1e-9)
-    restored = column_margins(resumed, resumed.train_dataset, resumed.train_reference_logps)
+    restored = column_margins(resumed)
     torch.testing.assert_close(restored, margins, rtol=1e-6, atol=1e-7)
 
 
 def test_auto_gamma_refuses_an_unreachable_share(shipped, tmp_path):
     rows, tokenizer, _, _ = shipped
+    trainer = CPOTrainer(
+        model=sft_model(shipped),
+        args=CPOConfig(**cpu_args(tmp_path), cpo_auto_gamma=1.0, cpo_max_margin=1e-3),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    # checked as soon as the train set's reference exists: at the start of train(), before the first step
     with pytest.raises(ValueError, match="cpo_auto_gamma=1.0 cannot be met.*cpo_max_margin"):
-        CPOTrainer(
-            model=sft_model(shipped),
-            args=CPOConfig(**cpu_args(tmp_path), cpo_auto_gamma=1.0, cpo_max_margin=1e-3),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-        )
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.5, -0.2])

@@ -50,12 +50,14 @@ def entries(folder) -> list[str]:
 
 
 def build(tokenizer, tmp_path, rows, *, seed=0, trainer_cls=CPOTrainer, config_cls=CPOConfig, **config):
-    return trainer_cls(
+    trainer = trainer_cls(
         build_tiny_llama(tokenizer, seed=seed),
         args=config_cls(**cpu_args(tmp_path, **config)),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
+    trainer.precompute_reference()  # what train() runs first
+    return trainer
 
 
 def test_a_sweep_pays_the_reference_pass_once(tokenizer, tmp_path, passes, reference_store_dir, caplog):

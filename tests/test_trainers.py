@@ -186,7 +186,7 @@ def test_doubling_cpo_gamma_doubles_an_uncapped_margin_in_both_spaces(tokenizer,
             )
             margin = trainer.reference_margin(trainer.train_reference_logps)
             # the margin the loss step computes from the batch's reference columns is that margin
-            columns = column_margins(trainer, trainer.train_dataset, trainer.train_reference_logps)
+            columns = column_margins(trainer)
             torch.testing.assert_close(columns, margin.float())
             margins[loss_type, gamma] = margin
     for loss_type in ("sigmoid", "sigmoid_norm"):
@@ -225,6 +225,7 @@ def test_precompute_uses_no_reference_forward_during_training(model, tokenizer, 
         model=model, args=CPOConfig(**cpu_args(tmp_path)), train_dataset=train_dataset, processing_class=tokenizer
     )
     assert trainer.ref_model is None  # nothing to run a reference forward with
+    trainer.precompute_reference()  # what train() runs first, before the first step
     calls = []
     original = trainer.compute_ref_log_probs
     trainer.compute_ref_log_probs = lambda *a, **k: calls.append(1) or original(*a, **k)
@@ -279,10 +280,10 @@ def test_resume_uses_the_checkpoint_margins(tokenizer, train_dataset, tmp_path):
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
-    rebuilt_margin = column_margins(resumed, resumed.train_dataset, resumed.train_reference_logps)
+    rebuilt_margin = column_margins(resumed)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    restored_margin = column_margins(resumed, resumed.train_dataset, resumed.train_reference_logps)
-    torch.testing.assert_close(restored_margin, column_margins(full, full.train_dataset, full.train_reference_logps))
+    restored_margin = column_margins(resumed)
+    torch.testing.assert_close(restored_margin, column_margins(full))
     assert not torch.allclose(rebuilt_margin, restored_margin)
     resumed_logs = [h for h in resumed.state.log_history if "loss" in h and "train_runtime" not in h]
     for full_log, resumed_log in zip(full_logs[2:], resumed_logs[-2:]):
@@ -329,8 +330,8 @@ def test_resume_restores_eval_references_even_for_an_eval_set_named_train(tokeni
     resumed.train(resume_from_checkpoint=True)
     for name in ("train", "test"):
         torch.testing.assert_close(
-            column_margins(resumed, resumed.eval_dataset[name], resumed.eval_reference_logps[name]),
-            column_margins(first, first.eval_dataset[name], first.eval_reference_logps[name]),
+            column_margins(resumed, name),
+            column_margins(first, name),
         )
 
 
@@ -418,7 +419,7 @@ def test_eval_rewards_keep_dpo_meaning(tokenizer, tmp_path, trainer_cls, config_
     assert metrics["eval_rewards/margins"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-4)
     assert metrics["eval_rewards/accuracies"] == pytest.approx((chosen > rejected).float().mean().item())
     # what DPOTrainer computed from the batch the loss saw (reference raised by margin / beta, per token) differs
-    margin = column_margins(trainer, trainer.eval_dataset, trainer.eval_reference_logps["eval"])
+    margin = column_margins(trainer, "eval")
     shifted = 0.5 * (pc - (rc + margin / 0.5 * lc))
     assert abs(shifted.mean().item() - chosen.mean().item()) > 1e-2
 

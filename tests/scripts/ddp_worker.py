@@ -36,7 +36,8 @@ class RecordingCollator:
         self.seen: list[list[float]] = []
 
     def __call__(self, examples):
-        self.seen.extend([float(ex["ref_chosen_logps"]), float(ex["ref_rejected_logps"])] for ex in examples)
+        if "ref_chosen_logps" in examples[0]:  # training batches (the precompute's batches carry no reference yet)
+            self.seen.extend([float(ex["ref_chosen_logps"]), float(ex["ref_rejected_logps"])] for ex in examples)
         return self.inner(examples)
 
 

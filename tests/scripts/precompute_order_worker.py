@@ -1,7 +1,7 @@
 """Worker for tests/test_precompute_order.py: the reference precompute under `torchrun --nproc_per_node 2`.
 
 `python -m torch.distributed.run --nproc_per_node 2 precompute_order_worker.py SPEC.json` builds a CPOTrainer (whose
-constructor runs the length-sorted precompute) on the pairs of SPEC's `data_jsonl` and writes every rank's gathered
+`precompute_reference()` runs the length-sorted precompute) on the pairs of SPEC's `data_jsonl` and writes every rank's gathered
 reference log-probs to `<out_dir>/rank<k>.json`.
 """
 

@@ -85,6 +85,8 @@ def train_row(name, config, reference, tokenizer, train_dataset, held_out: HeldO
     # once per row and seed.
     with contextlib.redirect_stdout(printed):
         trainer = make_trainer(name, copy.deepcopy(reference), config, train_dataset, tokenizer)
+        if hasattr(trainer, "precompute_reference"):  # CPO / E-CPOC: compute (and print) it now, not in train()
+            trainer.precompute_reference()
     bar = _bar(total=args.max_steps, desc=f"{label} {name:<16}", disable=args.disable_tqdm)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
