@@ -49,7 +49,9 @@ def by_hand(policy, reference, tokenizer, rows, length_normalized):
 
 
 def records(trainer, prefix="eval"):
-    return [r for r in trainer.state.log_history if f"{prefix}_u_fraction" in r]
+    """The callback's records: those with its metric but not the evaluation's own record (which has the loss, and,
+    from CPOTrainer, the step-mean `u_fraction` under the same prefix)."""
+    return [r for r in trainer.state.log_history if f"{prefix}_u_fraction" in r and f"{prefix}_loss" not in r]
 
 
 @pytest.mark.parametrize("setup", ["ref_model", "peft"])

@@ -30,6 +30,7 @@ from .logps import PolicyLogpsRecorder, is_length_normalized, to_loss_space
 from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import write_model_card
+from .nonfinite import NonFiniteGradientGuard, check_loss, check_weights
 from .precompute import ReferencePrecompute
 from .quantization import keep_4bit_layers_trainable
 from .reference import ReferenceLogps
@@ -77,6 +78,7 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
         #: Live reference only: the train pairs' reference log-probs seen so far.
         self._running_reference = RunningReference()
         self._report_logged = False
+        self._metric_prefix = "eval"
         #: Defaults for `create_model_card`'s keyword arguments (dataset_name, base_model_id, license, ...), so the
         #: cards DPOTrainer writes at each checkpoint (and pushes with `hub_strategy`) are as complete as the last.
         self.model_card_kwargs: dict[str, Any] = {}
@@ -95,6 +97,8 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
         self.add_callback(
             FirstStepGradientCheck(inspect_grads=not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
         )
+        if self.args.stop_on_nonfinite:  # after the first-step check, which names the first step's problems
+            self.add_callback(NonFiniteGradientGuard(self))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if eval_dataset is not None:
@@ -181,7 +185,7 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
         with self._policy_logps.recording(), _trl_compat.loss_reads_batch_reference(self):
             result = super().compute_loss(model, shifted, return_outputs, num_items_in_batch)
         if mode == "train" and self.args.stop_on_nonfinite:
-            self._stop_on_nonfinite(result[0] if return_outputs else result, margin)
+            check_loss(self, result[0] if return_outputs else result, margin)
         policy_chosen, policy_rejected = self._policy_logps.sequence_logps(inputs[_trl_compat.COMPLETION_MASK])
         self._log_reference_metrics(
             mode,
@@ -195,30 +199,6 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
             margin.float(),
         )
         return result
-
-    @torch.no_grad()
-    def _stop_on_nonfinite(self, loss: torch.Tensor, margin: torch.Tensor) -> None:
-        """Raise before a non-finite loss or margin reaches the backward pass (config `stop_on_nonfinite`).
-
-        Runs on every process's micro-batch and gathers the verdict, so all processes stop together (a lone rank
-        raising would leave the others waiting in the gradient all-reduce).
-        """
-        flags = torch.stack([~torch.isfinite(margin).all(), ~torch.isfinite(loss).all()]).float().to(loss.device)
-        margin_bad, loss_bad = self.accelerator.gather(flags.unsqueeze(0)).amax(dim=0).tolist()
-        if not (margin_bad or loss_bad):
-            return
-        what = "reference margin" if margin_bad else "loss"
-        cause = (
-            "the per-pair margins come from the reference log-probs: a damaged reference file or data"
-            if margin_bad
-            else "fp16 overflow (use bf16 or fp32), a learning rate that diverges, or bad inputs"
-        )
-        raise FloatingPointError(
-            f"Non-finite {what} (NaN or inf) at training step {self.state.global_step + 1}: training stopped before "
-            "this step updates the weights, so no checkpoint holds NaN weights. Likely cause: "
-            f"{cause}. Fix it and resume from the last checkpoint (resume_from_checkpoint=True). Set "
-            "stop_on_nonfinite=False to keep TRL's behaviour instead (the step runs and the weights can become NaN)."
-        )
 
     @torch.no_grad()
     def _log_reference_metrics(self, mode, live: bool, *per_pair: torch.Tensor) -> None:
@@ -252,9 +232,20 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # The reference report rides on training log entries rather than one of its own, so `log_history` keeps
         # DPOTrainer's layout: precomputed, it goes out once with the first one; live, its running values go with each.
-        if _trl_compat.metrics_mode(self) == "train" and not any(key.startswith("eval_") for key in logs):
+        mode = _trl_compat.metrics_mode(self)
+        if mode == "train" and not any(key.startswith("eval_") for key in logs):
             logs = {**logs, **self._reference_logs()}
+        elif mode == "eval" and self._metric_prefix != "eval":
+            # One set of an eval dict: DPOTrainer.log would put every step metric under "eval_", so the sets would
+            # overwrite each other's; they go out under this evaluation's own prefix ("eval_<name>_u_fraction").
+            pending = _trl_compat.metric_lists(self, "eval")
+            logs = {**logs, **{f"{self._metric_prefix}_{k}": sum(v) / len(v) for k, v in pending.items() if v}}
+            pending.clear()
         super().log(logs, start_time)
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        self._metric_prefix = metric_key_prefix  # "eval", or "eval_<name>" for one set of an eval dict
+        return super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
 
     def _reference_logs(self) -> dict[str, float]:
         if not self.args.precompute_ref_log_probs:
@@ -288,6 +279,12 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
         with write_after_trainer_state(self, folder, write_reference):
             super()._save_checkpoint(model, trial)
         write_reference()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # Also the first thing a checkpoint save writes: non-finite weights stop it before any file.
+        if self.args.stop_on_nonfinite:
+            check_weights(self, self.model, output_dir or self.args.output_dir)
+        super().save_model(output_dir, _internal_call)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         # `True` means the newest complete checkpoint. What can refuse the resume is checked before any reference

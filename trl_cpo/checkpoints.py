@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable, Iterator
 
 import torch
+from safetensors import safe_open
 
 from ._trl_compat import REFERENCE_COLUMNS
 from .data import describe_pair_difference, fingerprint, pair_digests
@@ -57,6 +58,9 @@ MODEL_WEIGHT_FILES = (
 #: FSDP (`pytorch_model_fsdp*`, `transformers.trainer.FSDP_MODEL_NAME`) and DeepSpeed (`global_step*`) weight entries.
 MODEL_WEIGHT_PREFIXES = ("pytorch_model_fsdp", "global_step")
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+#: The optimizer's state in a checkpoint (`transformers.trainer.OPTIMIZER_NAME`, its safetensors form; DeepSpeed keeps
+#: it in its `global_step*` folder).
+OPTIMIZER_STATES = ("optimizer.pt", "optimizer.bin", "optimizer.safetensors")
 
 
 def _has_model_weights(folder: str) -> bool:
@@ -73,13 +77,46 @@ def _has_model_weights(folder: str) -> bool:
 
 
 def complete_checkpoint_problem(folder: str) -> str | None:
-    """What `folder` lacks to be resumed from (None if complete): its model weights, or `trainer_state.json`."""
+    """What `folder` lacks to be resumed from (None if complete): its model weights or `trainer_state.json`, or one
+    of them unreadable (empty or truncated, e.g. by a full disk or a copy that did not finish)."""
     if not os.path.isdir(folder):
         return "it does not exist"
     if not _has_model_weights(folder):
         return "it has no model weights (the save was interrupted before or while writing them)"
-    if not os.path.isfile(os.path.join(folder, TRAINER_STATE_FILE)):
+    state = os.path.join(folder, TRAINER_STATE_FILE)
+    if not os.path.isfile(state):
         return f"it has no {TRAINER_STATE_FILE} (the save was interrupted before its end)"
+    try:
+        with open(state) as f:
+            json.load(f)
+    except (OSError, ValueError) as error:
+        return (
+            f"its {TRAINER_STATE_FILE} is unreadable ({type(error).__name__}: {str(error)[:80]}; empty or truncated)"
+        )
+    for name in ("model.safetensors", "adapter_model.safetensors"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:
+                with safe_open(path, framework="pt") as f:
+                    f.keys()
+            except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+                return f"its {name} is unreadable ({type(error).__name__}: {str(error)[:80]}; empty or truncated)"
+    return None
+
+
+def foreign_checkpoint_problem(trainer, folder: str) -> str | None:
+    """Whether `folder` was written by another trainer than `trainer`'s method, read from its log history (no
+    forward, no pickle): None when it is this method's, or when its history holds no training log to tell."""
+    with open(os.path.join(folder, TRAINER_STATE_FILE)) as f:
+        history = json.load(f).get("log_history", [])
+    steps = [entry for entry in history if "loss" in entry and "train_runtime" not in entry]
+    if not steps:
+        return None
+    if not any("u_fraction" in entry for entry in steps):
+        return "it was written by a plain trl.DPOTrainer run (its logs have DPO's metrics and no u_fraction)"
+    metric = trainer.method.metric_name
+    if not any(metric in entry for entry in steps):
+        return f"it was written by another trl-cpo method's run (its logs carry no {metric}, which {trainer.method.title} logs)"
     return None
 
 
@@ -276,16 +313,30 @@ def prepare_resume(trainer, resume_from_checkpoint):
         # Resolved here rather than by the Trainer, whose choice (the highest step) may be a folder a kill left
         # incomplete: the newest complete one is taken, and the skipped ones are named.
         resume_from_checkpoint = last_complete_checkpoint(trainer.args.output_dir)
-    if not trainer.args.precompute_ref_log_probs:
-        # Live reference: the margins come from the reference at each step; no reference file to restore.
+    if not (isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint)):
         return resume_from_checkpoint
-    if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
-        problem = complete_checkpoint_problem(resume_from_checkpoint)
-        if problem is not None:
-            raise ValueError(
-                f"Cannot resume from {resume_from_checkpoint}: {problem}. Pass an earlier checkpoint, or "
-                "resume_from_checkpoint=True, which takes the newest complete one."
-            )
+    problem = complete_checkpoint_problem(resume_from_checkpoint)
+    if problem is not None:
+        raise ValueError(
+            f"Cannot resume from {resume_from_checkpoint}: {problem}. Pass an earlier checkpoint, or "
+            "resume_from_checkpoint=True, which takes the newest complete one."
+        )
+    foreign = foreign_checkpoint_problem(trainer, resume_from_checkpoint)
+    if foreign is not None:
+        raise ValueError(
+            f"Cannot resume from {resume_from_checkpoint} with {type(trainer).__name__}: {foreign}. Resuming would "
+            f"continue that run, its optimizer state and schedule, under {trainer.method.title}'s loss. Either start "
+            f"a new run from its weights (pass {resume_from_checkpoint} as the model, without "
+            "resume_from_checkpoint), or resume it with the trainer that wrote it."
+        )
+    entries = os.listdir(resume_from_checkpoint)
+    if not any(name in OPTIMIZER_STATES or name.startswith("global_step") for name in entries):
+        logger.warning(
+            "Checkpoint %s has no optimizer state (optimizer.pt): the optimizer restarts from scratch (Adam's moments "
+            "at zero), so the steps after this resume differ from an uninterrupted run's.",
+            resume_from_checkpoint,
+        )
+    if trainer.args.precompute_ref_log_probs:  # a live reference has no reference file to restore
         if os.path.isfile(checkpoint_reference_path(resume_from_checkpoint)):
             restore_reference(trainer, resume_from_checkpoint)
         else:
