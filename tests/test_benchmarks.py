@@ -63,6 +63,11 @@ def sweep_reference_time():
     return _smoke("sweep_reference_time.py")
 
 
+@pytest.fixture(scope="module")
+def resume_time():
+    return _smoke("resume_time.py")
+
+
 def ratio(text: str, label: str) -> float:
     """The number after `label` on its line; it must be finite and positive."""
     match = re.search(rf"{re.escape(label)}\s*({NUMBER})", text)
@@ -126,6 +131,15 @@ def test_sweep_reference_time_smoke(sweep_reference_time):
     ratio(out, "sweep reference time, ours / TRL's:")
 
 
+def test_resume_time_smoke(resume_time):
+    out = resume_time.stdout
+    assert_labelled(out)
+    no_pass = float(re.search(r"checkpoint with its reference: +([0-9.]+) s", out).group(1))
+    one_pass = float(re.search(r"reference recomputed \(one pass\): +([0-9.]+) s", out).group(1))
+    assert 0 < no_pass and 0 < one_pass
+    ratio(out, "resume time, no pass / one pass:")
+
+
 def test_gpu_suite_smoke(gpu_suite_smoke):
     proc, _ = gpu_suite_smoke
     assert proc.returncode == 0, f"suite failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -138,7 +152,7 @@ def test_gpu_suite_smoke(gpu_suite_smoke):
 
 
 @pytest.mark.parametrize(
-    "script", ["step_time", "precompute_time", "one_pass_time", "sweep_reference_time", "gpu_suite"]
+    "script", ["step_time", "precompute_time", "one_pass_time", "sweep_reference_time", "resume_time", "gpu_suite"]
 )
 def test_no_bitsandbytes_probe_noise(script, request, monkeypatch):
     fixture = request.getfixturevalue("gpu_suite_smoke" if script == "gpu_suite" else script)
@@ -157,7 +171,7 @@ def test_no_bitsandbytes_probe_noise(script, request, monkeypatch):
 
 
 def test_smoke_runs_write_nothing_under_results(
-    step_time, precompute_time, one_pass_time, sweep_reference_time, gpu_suite_smoke
+    step_time, precompute_time, one_pass_time, sweep_reference_time, resume_time, gpu_suite_smoke
 ):
     assert sorted((p.name, p.stat().st_mtime_ns) for p in RESULTS.iterdir()) == RESULTS_BEFORE
 
