@@ -9,11 +9,15 @@ The names below are imported on first use (PEP 562), as TRL's own `trl/__init__.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING
 
 from . import _bnb_log
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version (pyproject.toml): one place
+    __version__ = importlib.metadata.version("trl-cpo")
+except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 # Before anything imports bitsandbytes (through transformers -> peft): drop its notice about a CPU inference kernel
 # that trl-cpo never uses (see `trl_cpo._bnb_log`).

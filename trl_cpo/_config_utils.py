@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
 from .losses import check_beta
-
-logger = logging.getLogger("trl_cpo")
 
 #: The preference terms both methods build on: DPO's sigmoid loss on summed ('sigmoid') or per-token averaged
 #: ('sigmoid_norm') log-probs.

@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-
-from . import __version__
+from importlib.metadata import version
 
 #: Subcommand -> (module with `main(argv)`, one-line help).
 COMMANDS = {
@@ -40,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Constrained Preference Optimization (CPO, E-CPOC; arXiv:2605.20834) for Hugging Face TRL.",
         epilog="Run `trl-cpo COMMAND --help` for the options of a command.",
     )
-    parser.add_argument("--version", action="version", version=f"trl-cpo {__version__}")
+    parser.add_argument("--version", action="version", version=f"trl-cpo {version('trl-cpo')}")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         # The command's own parser reads its options (and its --help): nothing is parsed here.

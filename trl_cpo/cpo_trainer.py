@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from ._config_utils import logger
+import logging
+
 from ._margin_trainer import _ReferenceMarginTrainer
 from ._trl_compat import card_attributes
 from .methods import METHODS
 from .model_card import CITATION, PAPER_ID, PAPER_TITLE
 from .reference import ReferenceLogps
 from .report import recommend_cpo_gamma
+
+logger = logging.getLogger(__name__)
 
 
 class CPOTrainer(_ReferenceMarginTrainer):

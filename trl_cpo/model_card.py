@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import _trl_compat
 
-logger = logging.getLogger("trl_cpo")
+logger = logging.getLogger(__name__)
 
 PAPER_ID = "2605.20834"
 PAPER_TITLE = "Conditional Equivalence of DPO and RLHF: Implicit Assumption, Failure Modes, and Provable Alignment"
@@ -208,7 +208,7 @@ def training_procedure(trainer, *, base_model: str, datasets: list[str]) -> str:
 def _framework_versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    __version__ = version("trl-cpo")
 
     lines = [f"- trl-cpo: {__version__}"]
     for name, package in (

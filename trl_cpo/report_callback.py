@@ -16,7 +16,7 @@ from . import _trl_compat
 from .reference import compute_reference_logps
 from .report import ReferenceReport, reference_report
 
-logger = logging.getLogger("trl_cpo")
+logger = logging.getLogger(__name__)
 
 #: The key whose presence in the log history says the report was logged already (a resumed run keeps its history).
 REPORT_MARKER = "reference/misaligned_fraction"

@@ -207,11 +207,13 @@ LOSS_SPACE_SHORT = "per-token averaged log-probs (loss_type='sigmoid_norm')"
 
 
 def environment(args) -> dict[str, Any]:
+    from importlib.metadata import version
+
     import torch
     import transformers
     import trl
 
-    from trl_cpo import __version__
+    __version__ = version("trl-cpo")
 
     return {
         "trl_cpo": __version__,
