@@ -78,8 +78,7 @@ def test_fp16_leaves_overflowing_gradients_to_its_scaler():
     model.weight.grad = torch.full((2, 2), math.inf)
     # fp16: the scaler skips the step and lowers its scale; the guard does not interfere (no gather, no error)
     guard.on_pre_optimizer_step(SimpleNamespace(fp16=True), SimpleNamespace(global_step=0), None, model=model)
-    accelerator = SimpleNamespace(device="cpu", gather=lambda t: t)
-    guard._trainer = SimpleNamespace(accelerator=accelerator)
+    guard._trainer = SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False)
     with pytest.raises(FloatingPointError, match="weight"):
         guard.on_pre_optimizer_step(SimpleNamespace(fp16=False), SimpleNamespace(global_step=0), None, model=model)
 

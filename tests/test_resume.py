@@ -261,10 +261,16 @@ def test_a_run_killed_at_any_point_of_a_save_resumes_to_the_uninterrupted_weight
 
 
 def _folder(root, name, *files):
+    # Readable files (a checkpoint's trainer_state.json and weights are parsed when it is chosen).
+    from safetensors.torch import save_file
+
     path = root / name
     path.mkdir()
     for file in files:
-        (path / file).write_text("x")
+        if file.endswith(".safetensors"):
+            save_file({"w": torch.zeros(1)}, str(path / file))
+        else:
+            (path / file).write_text("{}" if file.endswith(".json") else "x")
     return str(path)
 
 

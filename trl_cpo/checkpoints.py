@@ -321,7 +321,10 @@ def prepare_resume(trainer, resume_from_checkpoint):
             f"Cannot resume from {resume_from_checkpoint}: {problem}. Pass an earlier checkpoint, or "
             "resume_from_checkpoint=True, which takes the newest complete one."
         )
-    foreign = foreign_checkpoint_problem(trainer, resume_from_checkpoint)
+    has_reference = os.path.isfile(checkpoint_reference_path(resume_from_checkpoint))
+    # A checkpoint with its reference file is one of ours: the file's metadata names its method and settings more
+    # precisely (restore_reference). Without one, the log history tells another trainer's checkpoint.
+    foreign = None if has_reference else foreign_checkpoint_problem(trainer, resume_from_checkpoint)
     if foreign is not None:
         raise ValueError(
             f"Cannot resume from {resume_from_checkpoint} with {type(trainer).__name__}: {foreign}. Resuming would "
@@ -337,7 +340,7 @@ def prepare_resume(trainer, resume_from_checkpoint):
             resume_from_checkpoint,
         )
     if trainer.args.precompute_ref_log_probs:  # a live reference has no reference file to restore
-        if os.path.isfile(checkpoint_reference_path(resume_from_checkpoint)):
+        if has_reference:
             restore_reference(trainer, resume_from_checkpoint)
         else:
             logger.warning(

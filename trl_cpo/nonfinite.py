@@ -11,7 +11,8 @@ A run can go non-finite in three places, each checked where it is cheapest and b
 - the weights, before each save (`check_weights`): an update can overflow with finite gradients (a learning rate of
   1e39 in fp32, fp16 weights with a large one), and the checkpoint is then not written.
 
-Every check gathers its verdict over processes, so all of them stop together. Cost: one pass over the gradients per
+Every check stops all processes together (the verdicts agree across ranks, or are gathered when ranks hold shards).
+Cost: one pass over the gradients per
 optimizer step (a fused sum per parameter), one over the weights per save.
 """
 
@@ -34,9 +35,14 @@ def _non_finite(tensors: list[tuple[str, torch.Tensor]]) -> list[str]:
     return bad
 
 
-def _any_rank(accelerator, found: bool) -> bool:
-    flag = torch.tensor([1.0 if found else 0.0], device=accelerator.device)
-    return bool(accelerator.gather(flag).max().item())
+def _any_rank(trainer, found: bool) -> bool:
+    # Under DDP (and on one process) every rank holds the same weights and, after the all-reduce, the same gradients,
+    # so every rank reaches the same verdict without a collective. Sharded (FSDP, DeepSpeed) ranks check their own
+    # shards: the verdict is gathered, so that no rank raises alone while the others wait in the next collective.
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        return found
+    flag = torch.tensor([1.0 if found else 0.0], device=trainer.accelerator.device)
+    return bool(trainer.accelerator.gather(flag).max().item())
 
 
 def _names(names: list[str]) -> str:
@@ -74,7 +80,7 @@ def check_loss(trainer, loss: torch.Tensor, margin: torch.Tensor) -> None:
 def check_weights(trainer, model: torch.nn.Module, where: str) -> None:
     """Raise `FloatingPointError` if a parameter of `model` holds NaN or inf (before it is saved to `where`)."""
     bad = _non_finite(list(model.named_parameters()))
-    if not _any_rank(trainer.accelerator, bool(bad)):
+    if not _any_rank(trainer, bool(bad)):
         return
     raise FloatingPointError(
         f"Not saving {where}: after training step {trainer.state.global_step} the weights hold NaN or inf "
@@ -97,7 +103,7 @@ class NonFiniteGradientGuard(TrainerCallback):
             return
         grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
         bad = _non_finite(grads)
-        if not _any_rank(self._trainer.accelerator, bool(bad)):
+        if not _any_rank(self._trainer, bool(bad)):
             return
         raise FloatingPointError(
             f"Non-finite gradient (NaN or inf) at training step {state.global_step + 1} "
