@@ -30,6 +30,7 @@ from .logps import PolicyLogpsRecorder, is_length_normalized, to_loss_space
 from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import write_model_card
+from .pair_checks import check_identical_pairs
 from .precompute import ReferencePrecompute
 from .quantization import keep_4bit_layers_trainable
 from .reference import ReferenceLogps
@@ -107,15 +108,16 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # TRL's preparation, unchanged, plus the count of what `max_length` drops and truncates (`LengthReport`),
         # logged once per dataset; a dataset left empty is refused here rather than failing in the precompute.
+        # Pairs whose chosen and rejected token ids are the same (as truncated) are refused or counted.
         prepare = super()._prepare_dataset
         if not isinstance(dataset, Dataset) or args.max_length is None or len(dataset) == 0:
-            return prepare(dataset, processing_class, args, dataset_name)
+            return check_identical_pairs(prepare(dataset, processing_class, args, dataset_name), args, dataset_name)
         prepared, report = prepare_with_length_report(prepare, dataset, processing_class, args, dataset_name)
         message = report.message()
         if message and args.should_log and report != self.length_reports.get(dataset_name):
             logger.warning(message)
         self.length_reports[dataset_name] = report
-        return prepared
+        return check_identical_pairs(prepared, args, dataset_name, report.dropped_rows)
 
     @classmethod
     def _resolve_args(cls, args, model):
