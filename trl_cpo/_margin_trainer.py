@@ -21,7 +21,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from . import _trl_compat
-from ._config_utils import from_dpo_config
+from ._config_utils import ensure_writable_output_dir, from_dpo_config
 from ._distributed import end_distributed_run
 from ._grad_check import FirstStepGradientCheck
 from .checkpoints import prepare_resume, save_reference, write_after_trainer_state
@@ -55,6 +55,7 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
     ):
         _trl_compat.check_dpo_trainer()
         config = self._resolve_args(args, model)
+        ensure_writable_output_dir(config)  # as the Trainer would create it, but before the model loads
         #: Whether the user asked for the precompute (True) rather than letting the data decide (None).
         self._precompute_asked = config.precompute_ref_log_probs is True
         args = resolve_precompute(
