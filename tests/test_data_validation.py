@@ -310,3 +310,46 @@ def test_the_audit_uses_the_same_validator():
     with pytest.raises(AuditError) as audit_side:
         check_pairs(bad, "--dataset_name data.jsonl")
     assert str(audit_side.value) == str(trainer_side.value)
+
+
+# -- the loader: text that is not UTF-8 ----------------------------------------------------------------------------------
+
+
+def test_undecodable_text_names_the_file_and_the_line(tmp_path, monkeypatch):
+    import gzip
+
+    from trl_cpo.dataset_loading import load_preference_dataset
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    good = b'{"prompt": "a", "chosen": " b", "rejected": " c"}\n'
+    files = {
+        # Arrow's JSON reader takes the bytes as they are: the error would come at the first read of row 2.
+        "latin1.jsonl": good + b'{"prompt": "caf\xe9", "chosen": " b", "rejected": " c"}\n',
+        # A type change sends `datasets` to its Python JSON reader, which fails to decode.
+        "mixed.jsonl": good
+        + b'{"prompt": "a", "chosen": " b\xff", "rejected": " c", "x": [1]}\n'
+        + b'{"prompt": "a", "chosen": " b", "rejected": " c", "x": ["s"]}\n',
+        "pairs.csv": b"prompt,chosen,rejected\na,b,c\ncaf\xe9,b,c\n",
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    with gzip.open(tmp_path / "latin1.jsonl.gz", "wb") as f:
+        f.write(files["latin1.jsonl"])
+    lines = {"latin1.jsonl": 2, "mixed.jsonl": 2, "pairs.csv": 3, "latin1.jsonl.gz": 2}
+    for name, line in lines.items():
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError) as info:
+            load_preference_dataset(path)
+        message = str(info.value)
+        for text in (path, f"line {line}", "not valid UTF-8", "re-encode it as UTF-8"):
+            assert text in message, (name, text, message)
+    # A `datasets:` mixture naming the file.
+    from trl import DatasetMixtureConfig, ScriptArguments
+
+    from trl_cpo.dataset_loading import load_datasets
+
+    mixture = DatasetMixtureConfig(datasets=[{"path": "json", "data_files": str(tmp_path / "latin1.jsonl")}])
+    with pytest.raises(ValueError, match=r"latin1\.jsonl, line 2: .*re-encode it as UTF-8"):
+        load_datasets(ScriptArguments(dataset_name=None), mixture)
+    (tmp_path / "ok.jsonl").write_bytes(good + '{"prompt": "café", "chosen": " b", "rejected": " c"}\n'.encode())
+    assert load_preference_dataset(str(tmp_path / "ok.jsonl"))["train"][1]["prompt"] == "café"
