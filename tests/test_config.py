@@ -1,11 +1,10 @@
 import dataclasses
 import math
-import os
 import sys
 
 import pytest
 from datasets import Dataset
-from helpers import CPU, cpu_args
+from helpers import CPU, cpu_args, unwritable_folder
 from trl import DPOConfig, ModelConfig, ScriptArguments, TrlParser
 
 from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
@@ -108,16 +107,6 @@ def test_an_output_dir_that_is_a_file_is_refused_by_the_config(tmp_path):
             CPOConfig(**{**CPU, "output_dir": str(path)})
         assert "is a file" in str(excinfo.value) and str(a_file) in str(excinfo.value)
     assert CPOConfig(**{**CPU, "output_dir": str(tmp_path / "new" / "run")})  # missing folders are fine
-
-
-def unwritable_folder(tmp_path):
-    """A folder path this process cannot create (root ignores permission bits: it cannot create folders in /proc)."""
-    if os.geteuid() == 0:
-        return "/proc/trl-cpo-test/run"
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    return str(locked / "run")
 
 
 def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(train_dataset, tmp_path):
