@@ -49,7 +49,10 @@ class AuditArguments:
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Replace an earlier audit in --output_dir (its audit.json and reference log-probs file)."},
+        metadata={
+            "help": "Replace an earlier audit's files in --output_dir (audit.json, pairs.jsonl, delta_ref.png, the "
+            "reference log-probs file). A file that is one of the audit's inputs is never replaced."
+        },
     )
     max_samples: int | None = field(
         default=None,
