@@ -60,7 +60,9 @@ def _first_undecodable_line(path: str) -> tuple[int, int, int] | None:
 
 def _encoding_error(error: BaseException) -> bool:
     """Whether a reader's failure (or one it chains to) is text that is not UTF-8."""
-    while error is not None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
         text = str(error).lower()
         if isinstance(error, UnicodeDecodeError) or "utf-8" in text or "utf8" in text:
             return True
