@@ -73,6 +73,16 @@ def cpu_args(output_dir, **overrides):
     return args
 
 
+def unwritable_folder(tmp_path) -> str:
+    """A folder path this process cannot create (root ignores permission bits: it cannot create folders in /proc)."""
+    if os.geteuid() == 0:
+        return "/proc/trl-cpo-test/run"
+    locked = Path(tmp_path) / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return str(locked / "run")
+
+
 def train_logs(trainer) -> list[dict]:
     """Train, and return the per-step training log entries (those with a loss, without the final summary)."""
     trainer.train()

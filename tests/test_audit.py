@@ -343,6 +343,15 @@ def _bad_inputs(workspace, tmp_path):
     DatasetDict({"test": Dataset.from_list(rows)}).save_to_disk(saved)
     not_yaml = tmp_path / "list.yaml"
     not_yaml.write_text("- a\n- b\n")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(
+        b'{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": "caf\xe9", "chosen": " b", "rejected": " c"}\n'
+    )
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({**r, "rejected": r["chosen"]}) + "\n" for r in rows))
+    no_assistant = tmp_path / "chat.jsonl"
+    chat = {"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "user", "content": "b"}]}
+    no_assistant.write_text(json.dumps({**chat, "rejected": [{"role": "assistant", "content": "c"}]}) + "\n")
     return [
         (["--cpo_gamma", "-1"], "--cpo_gamma", False),
         (["--method", "ecpoc", "--ecpoc_tau", "0"], "--ecpoc_tau", False),
@@ -357,6 +366,9 @@ def _bad_inputs(workspace, tmp_path):
         (["--dataset_name", empty], "'rejected' has 1 empty completion(s)", True),  # refused, as training does
         (["--dataset_name", wrong_type], "'chosen' holds int", True),
         (["--dataset_name", saved], "--dataset_train_split", True),
+        (["--dataset_name", latin1], f"{latin1}, line 2: the text is not valid UTF-8", True),
+        (["--dataset_name", same], "no preference to learn", True),  # before the model loads
+        (["--dataset_name", no_assistant], "'chosen' has 1 conversational completion(s) without an assistant", True),
     ], not_yaml
 
 
@@ -373,6 +385,8 @@ def test_every_user_error_is_one_line_with_exit_status_2(workspace, tmp_path, lo
         assert ("model" in loads) == (expected == "sentinel") and (("data" in loads) == data_loads), (extra, loads)
         if str(extra[-1]).endswith("empty.jsonl"):
             assert "row(s) 2" in lines[0], lines[0]
+        if str(extra[-1]).endswith("latin1.jsonl"):
+            assert "re-encode it as UTF-8" in lines[0], lines[0]
     for argv, expected in (
         (["--config", tmp_path / "missing.yaml"], "--config"),
         (["--config", not_yaml], "--config"),
@@ -380,6 +394,63 @@ def test_every_user_error_is_one_line_with_exit_status_2(workspace, tmp_path, lo
     ):
         code, lines = run_cli(argv, capsys)
         assert code == 2 and len(lines) == 1 and expected in lines[0], lines
+
+
+def test_unknown_config_keys_are_refused_as_training_refuses_them(workspace, tmp_path, loads, capsys):
+    config = yaml.safe_load(open(workspace["yaml"]))
+    config["cpo_gama"] = 0.2
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump(config))
+    code, lines = run_cli(["--config", typo, "--output_dir", tmp_path / "out"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "--config" in lines[0] and "cpo_gama" in lines[0] and "cpo_gamma" in lines[0], lines[0]
+    assert loads == []
+
+
+def test_the_audit_never_writes_over_its_inputs(workspace, tmp_path, loads, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    data = out / PAIRS_FILE  # the user's data, where the audit writes its per-pair table
+    data.write_bytes(open(workspace["data"], "rb").read())
+    before = data.read_bytes()
+    cases = [
+        (["--dataset_name", data, "--output_dir", out], ["--dataset_name", str(data)]),
+        (["--reference_logps_file", workspace["yaml"]], ["--config", workspace["yaml"]]),
+        (["--reference_logps_file", os.path.join(workspace["model"], "config.json")], ["--model_name_or_path"]),
+    ]
+    for extra, expected in cases:
+        for overwrite in ([], ["--overwrite_output_dir", "true"]):  # refused even with the flag
+            argv = ["--config", workspace["yaml"], "--output_dir", tmp_path / "other", *extra, *overwrite]
+            code, lines = run_cli(argv, capsys)
+            assert code == 2 and len(lines) == 1, (extra, lines)
+            for text in expected:
+                assert text in lines[0], (text, lines[0])
+    assert loads == [] and data.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", [PAIRS_FILE, PLOT_FILE, REPORT_FILE, "ref.safetensors"])
+def test_any_file_the_audit_would_write_needs_the_flag(workspace, tmp_path, loads, capsys, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("an earlier run's file")
+    argv = ["--config", workspace["yaml"], "--output_dir", out, "--reference_logps_file", out / "ref.safetensors"]
+    code, lines = run_cli(argv, capsys)
+    assert code == 2 and len(lines) == 1 and name in lines[0] and "--overwrite_output_dir" in lines[0], lines
+    assert loads == [] and (out / name).read_text() == "an earlier run's file"
+    code, lines = run_cli([*argv, "--overwrite_output_dir", "true"], capsys)
+    assert "sentinel" in lines[0] and loads == ["data", "model"]
+
+
+def test_pairs_identical_once_tokenized_are_refused_on_one_line(workspace, tmp_path, capsys):
+    # The tiny tokenizer lowercases: the texts differ, the token ids do not.
+    rows = [{"prompt": "the cat", "chosen": " Red dog", "rejected": " red DOG"}] * 4
+    data_file = tmp_path / "upper.jsonl"
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    argv = ["--config", workspace["yaml"], "--dataset_name", data_file, "--output_dir", out]
+    code, lines = run_cli([*argv, "--reference_logps_file", out / "ref.safetensors"], capsys)
+    assert code == 2 and len(lines) == 1 and "same sequence of token ids" in lines[0], lines
+    assert not out.exists() or not os.listdir(out)
 
 
 # -- one reference pass ---------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 from datasets import Dataset
-from helpers import CPU, cpu_args
+from helpers import CPU, cpu_args, unwritable_folder
 from trl import DPOConfig, ModelConfig, ScriptArguments, TrlParser
 
 from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer
@@ -75,6 +75,44 @@ def test_bad_config_raises_value_error_naming_the_field(cls, kwargs, field_name)
     with pytest.raises(ValueError, match=field_name) as excinfo:
         cls(**CPU, **kwargs)
     assert "Set" in str(excinfo.value) or "Use" in str(excinfo.value)  # the message says how to fix it
+
+
+@pytest.mark.parametrize(
+    "cls, field_name",
+    [
+        (CPOConfig, "cpo_gamma"),
+        (CPOConfig, "cpo_margin_type"),
+        (CPOConfig, "cpo_max_margin"),
+        (ECPOCConfig, "ecpoc_gamma"),
+        (ECPOCConfig, "ecpoc_tau"),
+        (ECPOCConfig, "ecpoc_alpha"),
+    ],
+)
+def test_none_is_refused_for_every_method_field(cls, field_name):
+    # A YAML `cpo_max_margin:` with no value, or a script passing None, must not slip through as "unset".
+    with pytest.raises(ValueError, match=f"{field_name}=None is invalid") as excinfo:
+        cls(**CPU, **{field_name: None})
+    assert "Set" in str(excinfo.value)
+
+
+def test_cpo_auto_gamma_none_means_off():
+    assert CPOConfig(**CPU, cpo_auto_gamma=None).cpo_auto_gamma is None
+
+
+def test_an_output_dir_that_is_a_file_is_refused_by_the_config(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for path in (a_file, a_file / "run"):
+        with pytest.raises(ValueError, match="output_dir=") as excinfo:
+            CPOConfig(**{**CPU, "output_dir": str(path)})
+        assert "is a file" in str(excinfo.value) and str(a_file) in str(excinfo.value)
+    assert CPOConfig(**{**CPU, "output_dir": str(tmp_path / "new" / "run")})  # missing folders are fine
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(train_dataset, tmp_path):
+    args = CPOConfig(**{**CPU, "output_dir": unwritable_folder(tmp_path)})
+    with pytest.raises(ValueError, match="output_dir=.* cannot be written"):
+        CPOTrainer(model="/nonexistent/model", args=args, train_dataset=train_dataset)
 
 
 def test_unsupported_loss_type_message_lists_what_works():

@@ -35,6 +35,10 @@ def with_row(rows, index, **changes):
     return rows
 
 
+def messages(role, text):
+    return [{"role": role, "content": text}]
+
+
 BAD_DATA = {
     # case: (rows or dataset factory, texts the message must contain)
     "missing column": (
@@ -101,6 +105,35 @@ BAD_DATA = {
         ),
         ["column 'chosen'", "row(s) 1"],
     ),
+    "chat completion without an assistant message": (
+        lambda: Dataset.from_list(
+            [
+                {
+                    "prompt": [{"role": "user", "content": "hi"}],
+                    "chosen": [{"role": "assistant", "content": "yes"}],
+                    "rejected": [{"role": "user" if i == 2 else "assistant", "content": "no"}],
+                }
+                for i in range(4)
+            ]
+        ),
+        ["column 'rejected'", "without an assistant message", "row(s) 2 (1 in all)", "'prompt'"],
+    ),
+    "implicit chat ending on a user turn": (
+        lambda: Dataset.from_list(
+            [
+                {
+                    "chosen": messages("user", "sky?") + messages("assistant", "blue"),
+                    "rejected": messages("user", "sky?") + messages("user", "well?"),
+                }
+            ]
+            * 2
+        ),
+        ["column 'rejected'", "without an assistant message", "implicit prompt", "row(s) 0, 1"],
+    ),
+    "every pair identical": (
+        lambda: Dataset.from_list([{**r, "rejected": r["chosen"]} for r in make_pairs(4)]),
+        ["train_dataset", "all of its 4 pairs", "the same", "no preference to learn"],
+    ),
 }
 
 
@@ -112,6 +145,53 @@ def test_bad_training_data_is_refused_before_the_precompute(tokenizer, tmp_path,
     message = str(info.value)
     for text in expected:
         assert text in message, (case, text, message)
+
+
+def test_bad_data_is_refused_before_any_model_loads():
+    # The validator alone, as the audit runs it before loading the model.
+    from trl_cpo.data import validate_preference_dataset
+
+    for case in ("chat completion without an assistant message", "every pair identical"):
+        with pytest.raises(ValueError, match="train_dataset"):
+            validate_preference_dataset(BAD_DATA[case][0](), "train_dataset")
+
+
+def test_pairs_identical_once_tokenized_are_refused_when_all_and_counted_when_some(tokenizer, tmp_path, caplog):
+    # The tiny tokenizer lowercases: " Cat dog" and " cat DOG" are the same token ids.
+    rows = [{"prompt": "the bird", "chosen": " Cat dog", "rejected": " cat DOG"} for _ in range(3)]
+    with pytest.raises(ValueError) as info:
+        build(tokenizer, tmp_path, rows)
+    message = str(info.value)
+    for text in ("train_dataset", "all of its 3 pairs", "same sequence of token ids", "no gradient", "lowercase"):
+        assert text in message, (text, message)
+
+    rows = [{**row, "prompt": "a"} for row in make_pairs(8, seed=0)]  # chosen and rejected differ at their 1st word
+    rows[2] = {"prompt": "a", "chosen": " Red cat", "rejected": " red CAT"}  # identical once tokenized
+    # Differ only in the 4th completion token: identical once keep_start truncates to 1 + 3 tokens.
+    rows[5] = {"prompt": "a", "chosen": " red cat dog sad", "rejected": " red cat dog happy"}
+    with caplog.at_level(logging.WARNING, logger="trl_cpo"):
+        trainer = build(tokenizer, tmp_path, rows, max_length=4)
+    assert len(trainer.train_dataset) == 8
+    warnings = [r.getMessage() for r in caplog.records if "cannot teach" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    for text in ("train_dataset: 2 of 8 pairs", "row(s) 2, 5 (2 in all)", "1 of them only once truncated",
+                 "max_length=5 keeps their difference"):  # fmt: skip
+        assert text in warnings[0], (text, warnings[0])
+
+
+def test_identical_pairs_as_the_collator_truncates_them():
+    from trl_cpo.pair_checks import identical_pairs
+
+    prepared = Dataset.from_list(
+        [
+            {"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [3, 4, 6]},  # differ at completion token 3
+            {"prompt_ids": [1], "chosen_ids": [7, 8, 9], "rejected_ids": [6, 8, 9]},  # differ at completion token 1
+            {"prompt_ids": [1], "chosen_ids": [3, 4], "rejected_ids": [3, 4]},  # the same
+        ]
+    )
+    assert identical_pairs(prepared) == ([2], [], None)
+    assert identical_pairs(prepared, max_length=4) == ([0, 2], [0], 5)
+    assert identical_pairs(prepared, max_length=2, truncation_mode="keep_end") == ([1, 2], [1], 3)
 
 
 def test_bad_eval_data_is_named_by_its_key(tokenizer, tmp_path, train_dataset):
@@ -168,10 +248,6 @@ def test_pairs_dropped_or_truncated_for_length_are_counted_and_logged_once(token
 
 
 # -- the validator itself: every format TRL accepts goes through --------------------------------------------------------
-
-
-def messages(role, text):
-    return [{"role": role, "content": text}]
 
 
 VALID = {
@@ -234,3 +310,46 @@ def test_the_audit_uses_the_same_validator():
     with pytest.raises(AuditError) as audit_side:
         check_pairs(bad, "--dataset_name data.jsonl")
     assert str(audit_side.value) == str(trainer_side.value)
+
+
+# -- the loader: text that is not UTF-8 ----------------------------------------------------------------------------------
+
+
+def test_undecodable_text_names_the_file_and_the_line(tmp_path, monkeypatch):
+    import gzip
+
+    from trl_cpo.dataset_loading import load_preference_dataset
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    good = b'{"prompt": "a", "chosen": " b", "rejected": " c"}\n'
+    files = {
+        # Arrow's JSON reader takes the bytes as they are: the error would come at the first read of row 2.
+        "latin1.jsonl": good + b'{"prompt": "caf\xe9", "chosen": " b", "rejected": " c"}\n',
+        # A type change sends `datasets` to its Python JSON reader, which fails to decode.
+        "mixed.jsonl": good
+        + b'{"prompt": "a", "chosen": " b\xff", "rejected": " c", "x": [1]}\n'
+        + b'{"prompt": "a", "chosen": " b", "rejected": " c", "x": ["s"]}\n',
+        "pairs.csv": b"prompt,chosen,rejected\na,b,c\ncaf\xe9,b,c\n",
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    with gzip.open(tmp_path / "latin1.jsonl.gz", "wb") as f:
+        f.write(files["latin1.jsonl"])
+    lines = {"latin1.jsonl": 2, "mixed.jsonl": 2, "pairs.csv": 3, "latin1.jsonl.gz": 2}
+    for name, line in lines.items():
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError) as info:
+            load_preference_dataset(path)
+        message = str(info.value)
+        for text in (path, f"line {line}", "not valid UTF-8", "re-encode it as UTF-8"):
+            assert text in message, (name, text, message)
+    # A `datasets:` mixture naming the file.
+    from trl import DatasetMixtureConfig, ScriptArguments
+
+    from trl_cpo.dataset_loading import load_datasets
+
+    mixture = DatasetMixtureConfig(datasets=[{"path": "json", "data_files": str(tmp_path / "latin1.jsonl")}])
+    with pytest.raises(ValueError, match=r"latin1\.jsonl, line 2: .*re-encode it as UTF-8"):
+        load_datasets(ScriptArguments(dataset_name=None), mixture)
+    (tmp_path / "ok.jsonl").write_bytes(good + '{"prompt": "café", "chosen": " b", "rejected": " c"}\n'.encode())
+    assert load_preference_dataset(str(tmp_path / "ok.jsonl"))["train"][1]["prompt"] == "café"

@@ -3,6 +3,7 @@ minimisation, up-front validation, the output folder, and the task's building bl
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -347,6 +348,17 @@ def nothing_trains(monkeypatch):
         (["--corruption", "0.2", "0.2"], "--corruption"),
         (["--label_noise", "0.5"], "--label_noise"),
         (["--hidden_size", "30"], "--hidden_size"),
+        (["--seed", "-1"], "--seed"),
+        (["--learning_rate", "inf"], "--learning_rate"),
+        (["--learning_rate", "nan"], "--learning_rate"),
+        (["--ref_learning_rate", "inf"], "--ref_learning_rate"),
+        # Method settings are checked whether or not a row that uses them runs.
+        (["--methods", "DPO", "--cpo_gamma", "-1"], "--cpo_gamma"),
+        (["--methods", "DPO", "--cpo_max_margin", "inf"], "--cpo_max_margin"),
+        (["--methods", "DPO", "--cpo_auto_gamma", "0"], "--cpo_auto_gamma"),
+        (["--methods", "DPO", "--ecpoc_tau", "0"], "--ecpoc_tau"),
+        (["--methods", "DPO", "--ecpoc_alpha", "nan"], "--ecpoc_alpha"),
+        (["--methods", "DPO", "--ecpoc_gamma", "-0.5"], "--ecpoc_gamma"),
     ],
 )
 def test_a_bad_flag_fails_before_anything_trains(bad, message, nothing_trains, tmp_path, capsys):
@@ -382,6 +394,49 @@ def test_output_folder_refused_or_cleaned(nothing_trains, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["keep", "notes.md"]
     # An empty or missing folder is fine.
     assert demo_args.prepare_output_dir(str(tmp_path / "new"), overwrite=False) == []
+
+
+def test_a_failed_run_leaves_no_results_that_block_the_next(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+
+    def fails_after_one_row(ratio, seed, args, configs, work_dir, on_row=None):
+        on_row({"seed": seed, "methods": {}})  # results.json now holds this row, "complete": false
+        assert json.loads((out / "results.json").read_text())["complete"] is False
+        raise RuntimeError("the second row diverged")
+
+    monkeypatch.setattr(run, "run_seed", fails_after_one_row)
+    argv = [*TINY_ARGS, "--methods", "DPO", "--seeds", "1", "--output_dir", str(out)]
+    with pytest.raises(RuntimeError, match="diverged"):
+        run.main(argv)
+    assert not out.exists() or os.listdir(out) == []
+    assert "removed its partial results.json" in capsys.readouterr().err
+    assert demo_args.prepare_output_dir(str(out), overwrite=False) == []  # the next run is not blocked
+
+
+def test_an_interrupted_run_keeps_its_partial_results(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+
+    def interrupted(ratio, seed, args, configs, work_dir, on_row=None):
+        on_row({"seed": seed, "methods": {}})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_seed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.main([*TINY_ARGS, "--methods", "DPO", "--seeds", "1", "--output_dir", str(out)])
+    assert json.loads((out / "results.json").read_text())["complete"] is False
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+
+
+def test_the_demo_never_writes_over_its_config(nothing_trains, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    config = out / "table.txt"  # a YAML file, named as one of the demo's outputs
+    config.write_text("seeds: 1\n")
+    for overwrite in ([], ["--overwrite_output_dir"]):
+        assert run.main(["--config", str(config), "--output_dir", str(out), *overwrite]) == 2
+        err = capsys.readouterr().err
+        assert "--config" in err and str(config) in err and "never" in err, err
+    assert config.read_text() == "seeds: 1\n" and nothing_trains == []
 
 
 def test_config_yaml_and_help(tmp_path, capsys):

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset, DatasetDict
-from helpers import first_step_accuracy_is_roundoff, load_script, subprocess_env
+from helpers import first_step_accuracy_is_roundoff, load_script, subprocess_env, unwritable_folder
 from trl import DPOConfig, DPOTrainer
 
 from trl_cpo import CPOConfig, ECPOCConfig
@@ -230,6 +230,73 @@ def test_unknown_config_keys_fail(recipe, tmp_path):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="cpo_gama"):
         recipe.parse_args(["--config", str(path)])
+
+
+class _StopBeforeTraining(Exception):
+    pass
+
+
+@pytest.fixture
+def script_loads(recipe, monkeypatch):
+    """Record the data load and the trainer construction of `train()`; the fake trainer records what `train()` gets
+    and stops there."""
+    calls = []
+
+    class FakeTrainer:
+        model_card_kwargs: dict = {}
+
+        def train(self, resume_from_checkpoint=None):
+            calls.append(("train", resume_from_checkpoint))
+            raise _StopBeforeTraining
+
+    def load_datasets(script_args, dataset_args):
+        calls.append("data")
+        return DatasetDict({"train": Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}])})
+
+    def build_trainer(*args, **kwargs):
+        calls.append("model")
+        return FakeTrainer()
+
+    monkeypatch.setattr(recipe, "load_datasets", load_datasets)
+    monkeypatch.setattr(recipe, "build_trainer", build_trainer)
+    return calls
+
+
+def _complete_checkpoint(folder: Path) -> str:
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "trainer_state.json").write_text("{}")
+    return str(folder)
+
+
+def test_resume_flags_true_and_last_mean_the_newest_complete_checkpoint(recipe, tmp_path, script_loads):
+    run = tmp_path / "run"
+    base = ["--config", str(CONFIGS / "tiny_cpu.yaml"), "--output_dir", str(run)]
+    for value in ("true", "True", "last"):
+        assert recipe.parse_args([*base, "--resume_from_checkpoint", value])[1].resume_from_checkpoint is True
+    assert recipe.parse_args([*base, "--resume_from_checkpoint", "false"])[1].resume_from_checkpoint is None
+    checkpoint = _complete_checkpoint(run / "checkpoint-2")
+    assert recipe.parse_args([*base, "--resume_from_checkpoint", checkpoint])[1].resume_from_checkpoint == checkpoint
+    # train() hands True to trainer.train (the trainers resolve it to the newest complete checkpoint).
+    with pytest.raises(_StopBeforeTraining):
+        recipe.train(*recipe.parse_args([*base, "--resume_from_checkpoint", "true"]))
+    assert script_loads == ["data", "model", ("train", True)]
+
+
+def test_the_train_script_refuses_bad_outputs_and_resumes_before_loading(recipe, tmp_path, script_loads):
+    base = ["--config", str(CONFIGS / "tiny_cpu.yaml")]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="output_dir=.* is a file"):
+        recipe.parse_args([*base, "--output_dir", str(a_file)])
+    with pytest.raises(ValueError, match="output_dir=.* cannot be written"):
+        recipe.train(*recipe.parse_args([*base, "--output_dir", unwritable_folder(tmp_path)]))
+    empty = ["--output_dir", str(tmp_path / "empty")]
+    with pytest.raises(ValueError, match="has no checkpoint-N folder"):
+        recipe.train(*recipe.parse_args([*base, *empty, "--resume_from_checkpoint", "last"]))
+    with pytest.raises(ValueError, match="resume_from_checkpoint=.*does not exist"):
+        recipe.train(*recipe.parse_args([*base, *empty, "--resume_from_checkpoint", str(tmp_path / "nope")]))
+    assert script_loads == []  # neither the data nor the model was loaded
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import DPOConfig
 
@@ -151,10 +152,15 @@ class _ReferenceMarginConfig(DPOConfig):
         },
     )
 
+    #: Method fields for which `None` means something (CPO's `cpo_auto_gamma`: off); `None` is refused for the others.
+    _none_allowed: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self):
+        _refuse_none(self)
         self._check_method_hyperparameters()
         validate_dpo_fields(self)
         _check_reference_paths(self)
+        check_output_dir_is_a_folder(self.output_dir)
         super().__post_init__()
 
     def _check_method_hyperparameters(self) -> None:
@@ -181,3 +187,55 @@ def _check_reference_paths(config) -> None:
         raise ValueError(
             f"reference_cache_dir={folder!r} is a file. Set it to a folder (created if missing), or leave it unset."
         )
+
+
+def _refuse_none(config) -> None:
+    """`None` in a method field (a YAML key left without a value, a script passing None) is not "use the default"."""
+    shared = {f.name for f in dataclasses.fields(_ReferenceMarginConfig)}
+    for f in dataclasses.fields(config):
+        if f.name in shared or f.name in config._none_allowed or getattr(config, f.name, 0) is not None:
+            continue
+        default = field_default(f)
+        raise ValueError(
+            f"{f.name}=None is invalid: {f.name} has no unset value. Set it to a value (its default is {default!r}), "
+            "or leave it out of the config to get the default."
+        )
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_dir_is_a_folder(output_dir) -> None:
+    """Refuse an `output_dir` that is an existing file or lies under one (no side effect: nothing is created)."""
+    if output_dir is None:
+        return
+    existing = _nearest_existing(str(output_dir))
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        given = os.path.abspath(os.path.expanduser(str(output_dir)))
+        what = "is a file" if existing == given else f"lies under {existing}, which is a file"
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} {what}, not a folder. Set output_dir to a folder path (it is created if "
+            "missing), e.g. the name of this run."
+        )
+
+
+def ensure_writable_output_dir(config) -> None:
+    """Refuse, before any model loads, an `output_dir` the Trainer could not create or write in (on the processes
+    that save): a probe file is written and deleted in it, or in its nearest existing parent. Nothing is left behind."""
+    import tempfile
+
+    check_output_dir_is_a_folder(config.output_dir)
+    if config.output_dir is None or not config.should_save:
+        return
+    try:
+        with tempfile.NamedTemporaryFile(dir=_nearest_existing(config.output_dir), prefix=".trl-cpo-write-probe-"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"output_dir={config.output_dir!r} cannot be written ({error.strerror or error}). Set output_dir to a "
+            "folder this process can create and write to."
+        ) from None

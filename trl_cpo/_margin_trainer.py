@@ -21,7 +21,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from . import _trl_compat
-from ._config_utils import from_dpo_config
+from ._config_utils import ensure_writable_output_dir, from_dpo_config
 from ._distributed import end_distributed_run
 from ._grad_check import FirstStepGradientCheck
 from .checkpoints import prepare_resume, save_reference, write_after_trainer_state
@@ -31,6 +31,7 @@ from .methods import Method
 from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import write_model_card
 from .nonfinite import NonFiniteGradientGuard, check_loss, check_weights
+from .pair_checks import check_identical_pairs
 from .precompute import ReferencePrecompute
 from .quantization import keep_4bit_layers_trainable
 from .reference import ReferenceLogps
@@ -55,6 +56,7 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
     ):
         _trl_compat.check_dpo_trainer()
         config = self._resolve_args(args, model)
+        ensure_writable_output_dir(config)  # as the Trainer would create it, but before the model loads
         #: Whether the user asked for the precompute (True) rather than letting the data decide (None).
         self._precompute_asked = config.precompute_ref_log_probs is True
         args = resolve_precompute(
@@ -111,15 +113,16 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # TRL's preparation, unchanged, plus the count of what `max_length` drops and truncates (`LengthReport`),
         # logged once per dataset; a dataset left empty is refused here rather than failing in the precompute.
+        # Pairs whose chosen and rejected token ids are the same (as truncated) are refused or counted.
         prepare = super()._prepare_dataset
         if not isinstance(dataset, Dataset) or args.max_length is None or len(dataset) == 0:
-            return prepare(dataset, processing_class, args, dataset_name)
+            return check_identical_pairs(prepare(dataset, processing_class, args, dataset_name), args, dataset_name)
         prepared, report = prepare_with_length_report(prepare, dataset, processing_class, args, dataset_name)
         message = report.message()
         if message and args.should_log and report != self.length_reports.get(dataset_name):
             logger.warning(message)
         self.length_reports[dataset_name] = report
-        return prepared
+        return check_identical_pairs(prepared, args, dataset_name, report.dropped_rows)
 
     @classmethod
     def _resolve_args(cls, args, model):

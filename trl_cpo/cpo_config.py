@@ -47,6 +47,7 @@ class CPOConfig(_ReferenceMarginConfig):
     """
 
     _method_name = "CPO"
+    _none_allowed = ("cpo_auto_gamma",)
 
     cpo_gamma: float = field(
         default=0.05,

@@ -2,8 +2,9 @@
 
 - `validate_preference_dataset(dataset, name)`: the raw-data checks, run before TRL tokenizes anything (the trainers'
   `__init__`, `evaluate(eval_dataset=...)`, the audit). Missing columns, an empty dataset, `None` or non-text values,
-  mixed formats and empty completions each raise a `ValueError` naming the dataset, the column, the first offending
-  rows and the fix. Every format TRL accepts goes through: explicit or implicit prompt (the implicit one is split off
+  mixed formats, empty completions, conversational completions without an assistant message and a dataset whose
+  every pair has the same chosen and rejected response (`trl_cpo.pair_checks`) each raise a `ValueError` naming the
+  dataset, the column, the first offending rows and the fix. Every format TRL accepts goes through: explicit or implicit prompt (the implicit one is split off
   as TRL does, then checked), text or conversational (lists of `{'role', 'content'}` messages, tool calls included).
 - `LengthReport`: what TRL's `max_length` does to a tokenized dataset (pairs dropped because their prompt fills it,
   pairs truncated), with the `max_length` that would keep them; the trainers log it once per dataset and refuse a
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _trl_compat
+from . import _trl_compat, pair_checks
 
 #: Token-id columns of a dataset prepared by `trl.DPOTrainer` (what the reference actually scored).
 TOKEN_COLUMNS = _trl_compat.TOKENIZED_COLUMNS
@@ -143,7 +144,8 @@ def validate_preference_dataset(dataset, name: str = "train_dataset") -> None:
 
     Checks, in this order: rows present; 'chosen' and 'rejected' columns; no `None`; every value text or a list of
     messages, in the format of the first row (TRL decides the format from it) and the same for all columns; no empty
-    completion (after splitting off an implicit prompt as TRL does). `None` datasets and iterable datasets (which
+    completion (after splitting off an implicit prompt as TRL does); an assistant message in every conversational
+    completion; not every pair with chosen == rejected. `None` datasets and iterable datasets (which
     cannot be scanned without consuming them) are left to TRL. Extra columns are ignored.
     """
     from datasets import Dataset
@@ -219,13 +221,18 @@ def validate_preference_dataset(dataset, name: str = "train_dataset") -> None:
 
     implicit = "prompt" not in columns
     empty: dict[str, list[int]] = {"chosen": [], "rejected": []}
+    no_assistant: dict[str, list[int]] = {"chosen": [], "rejected": []}
+    identical = 0
     for start, batch in _batches(dataset, ["chosen", "rejected"]):
         for offset, (chosen, rejected) in enumerate(zip(batch["chosen"], batch["rejected"])):
             if implicit and not (_is_blank(chosen) or _is_blank(rejected)):
                 chosen, rejected = _split_implicit_prompt(chosen, rejected)
+            identical += chosen == rejected
             for column, value in (("chosen", chosen), ("rejected", rejected)):
                 if _is_blank(value):
                     empty[column].append(start + offset)
+                elif expected == "messages" and not pair_checks.has_assistant_message(value):
+                    no_assistant[column].append(start + offset)
     for column, rows in empty.items():
         if rows:
             keep = (
@@ -239,6 +246,11 @@ def validate_preference_dataset(dataset, name: str = "train_dataset") -> None:
                 + f", at {_rows(rows)}. An empty completion has no log-probability to compare: TRL would train on "
                 f"its EOS token alone. Drop these rows, e.g. {keep}."
             )
+    for column, rows in no_assistant.items():
+        if rows:
+            raise pair_checks.no_assistant_error(name, column, rows, implicit)
+    if identical == len(dataset):
+        raise pair_checks.all_identical_error(name, len(dataset))
 
 
 # -- lengths after tokenization ----------------------------------------------------------------------------------------
@@ -287,7 +299,7 @@ class LengthReport:
 
     def all_dropped_error(self) -> ValueError:
         shortest = min(self.dropped_prompt_lengths)
-        return ValueError(
+        return pair_checks.PreferenceDataError(
             f"{self.name}: every one of its {self.num_pairs} pairs has a prompt (column 'prompt') of at least "
             f"max_length={self.max_length} tokens, at {_rows(self.dropped_rows)} (shortest prompt: {shortest} tokens), "
             "so TRL drops them all and nothing is left to score. Raise max_length: "

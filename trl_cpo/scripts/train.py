@@ -24,6 +24,9 @@ settings (`trl_cpo.scripts._method_args`).
     accelerate launch -m trl_cpo.scripts.train --config FILE.yaml             # several processes / GPUs
     accelerate launch recipes/cpo_llama3.py --config FILE.yaml                # the same, through the recipe
 
+`--resume_from_checkpoint true` (or `last`) resumes from the newest complete checkpoint of `output_dir`; any other
+value is a checkpoint folder. Both, and an `output_dir` that cannot be written, are checked before anything loads.
+
 `--dataset_name` takes a Hub dataset, a local JSON / JSON-lines / Parquet / CSV file, or a folder written by
 `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (`trl_cpo.dataset_loading`). `--push_to_hub --hub_dry_run true`
 writes the folder and card a push would upload into `OUTPUT_DIR/_hub_dry_run/`, offline, and uploads nothing. See
@@ -144,7 +147,38 @@ def parse_args(argv: list[str] | None = None):
         raise ValueError(
             "hub_dry_run=True shows what --push_to_hub would upload: set push_to_hub=True too (nothing is uploaded)."
         )
+    training_args.resume_from_checkpoint = resume_target(training_args.resume_from_checkpoint)
     return script_args, training_args, model_args, dataset_args
+
+
+#: `--resume_from_checkpoint` words (any case) for the newest complete checkpoint of output_dir, and for no resume.
+RESUME_NEWEST, RESUME_NONE = ("true", "last"), ("false", "none", "")
+
+
+def resume_target(value):
+    """`resume_from_checkpoint` as `trainer.train` takes it: True for 'true' / 'last' (the trainers resolve True to
+    the newest complete checkpoint), None for 'false' / 'none', else the checkpoint path as given."""
+    if value is None or isinstance(value, bool):
+        return value or None
+    word = str(value).strip().lower()
+    return True if word in RESUME_NEWEST else None if word in RESUME_NONE else value
+
+
+def check_outputs_and_resume(training_args) -> None:
+    """Before any data or model loads: an output_dir that can be written, and a checkpoint to resume from."""
+    from trl_cpo._config_utils import ensure_writable_output_dir
+    from trl_cpo.checkpoints import complete_checkpoint_problem, last_complete_checkpoint
+
+    ensure_writable_output_dir(training_args)
+    resume = training_args.resume_from_checkpoint
+    if resume is True:
+        last_complete_checkpoint(training_args.output_dir)  # raises when there is none
+    elif resume is not None and complete_checkpoint_problem(resume) is not None:
+        raise ValueError(
+            f"resume_from_checkpoint={resume!r} cannot be resumed from: {complete_checkpoint_problem(resume)}. Pass a "
+            f"complete checkpoint folder (e.g. {os.path.join(training_args.output_dir, 'checkpoint-500')}), or "
+            "--resume_from_checkpoint true (or last) for the newest complete checkpoint of output_dir."
+        )
 
 
 def card_dataset_names(script_args: CPOScriptArguments, dataset_args: DatasetMixtureConfig) -> list[str]:
@@ -191,6 +225,7 @@ def train(script_args, training_args, model_args, dataset_args):
     The body of TRL's `trl/scripts/dpo.py`'s `main`, with the method's trainer, the reference report and a model card
     ready for the Hub.
     """
+    check_outputs_and_resume(training_args)
     hub_dry_run = script_args.hub_dry_run and training_args.push_to_hub
     if hub_dry_run:
         # transformers' Trainer creates the Hub repo in __init__ and pushes at each save when push_to_hub is set: the

@@ -13,15 +13,18 @@ with status 2 (`USER_ERROR`), without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import logging
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
 from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, TrlParser
 
+from trl_cpo.dataset_loading import mixture_files
 from trl_cpo.methods import METHODS, Method
 from trl_cpo.reference_store import DEFAULT_FILE_NAME
 from trl_cpo.scripts import _method_args
@@ -46,7 +49,10 @@ class AuditArguments:
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Replace an earlier audit in --output_dir (its audit.json and reference log-probs file)."},
+        metadata={
+            "help": "Replace an earlier audit's files in --output_dir (audit.json, pairs.jsonl, delta_ref.png, the "
+            "reference log-probs file). A file that is one of the audit's inputs is never replaced."
+        },
     )
     max_samples: int | None = field(
         default=None,
@@ -146,7 +152,7 @@ class AuditSettings:
     method: Method
     output_dir: str
     reference_file: str
-    #: One-line notes for the user (ignored keys and fields).
+    #: One-line notes for the user, printed before the audit runs.
     notes: list[str]
 
     @property
@@ -221,8 +227,30 @@ def _probe_writable(folder: str, flag: str) -> None:
         ) from None
 
 
-def check_output(output_dir: str, reference_file: str, overwrite: bool) -> None:
-    """Refuse an output folder that is a file, not writable, or holds an earlier audit (unless `overwrite`)."""
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _input_clash(path: str, inputs: list[tuple[str, str]]) -> str | None:
+    """The input (`flag value`) that writing `path` would overwrite: an input file itself, an existing file in the
+    model folder, or anything inside a dataset folder (a new file there would join the data). None if none."""
+    for flag, value in inputs:
+        source = os.path.expanduser(value)
+        if not os.path.exists(source):
+            continue
+        if os.path.isdir(source):
+            if _inside(path, source) and (flag != "--model_name_or_path" or os.path.exists(path)):
+                return f"{flag} {value}"
+        elif os.path.exists(path) and os.path.samefile(path, source):
+            return f"{flag} {value}"
+    return None
+
+
+def check_output(output_dir: str, reference_file: str, overwrite: bool, inputs: list[tuple[str, str]] = ()) -> None:
+    """Refuse an output folder that is a file or not writable; a file the audit would write that is one of its
+    `inputs` (`(flag, path)`: the data, the config, the model), even with `overwrite`; and one that already exists
+    (an earlier audit's), unless `overwrite`."""
     for path, flag in ((output_dir, "--output_dir"), (os.path.dirname(os.path.abspath(reference_file)), None)):
         if os.path.exists(path) and not os.path.isdir(path):
             flag = flag or "--reference_logps_file"
@@ -232,14 +260,51 @@ def check_output(output_dir: str, reference_file: str, overwrite: bool) -> None:
             f"--reference_logps_file {reference_file} is a folder: give a file path, e.g. "
             f"{os.path.join(reference_file, DEFAULT_FILE_NAME)}."
         )
-    earlier = [p for p in (os.path.join(output_dir, REPORT_FILE), reference_file) if os.path.exists(p)]
+    written = [(os.path.join(output_dir, name), "--output_dir") for name in (REPORT_FILE, PAIRS_FILE, PLOT_FILE)]
+    written.append((reference_file, "--reference_logps_file"))
+    for path, flag in written:
+        clash = _input_clash(path, list(inputs))
+        if clash is not None:
+            raise AuditError(
+                f"{flag}: the audit would write {path}, which is its input {clash}; it never writes over its inputs, "
+                f"even with --overwrite_output_dir. Choose another {flag}."
+            )
+    earlier = [path for path, _ in written if os.path.exists(path)]
     if earlier and not overwrite:
         raise AuditError(
-            f"--output_dir {output_dir} already holds an audit ({', '.join(earlier)}): pass --overwrite_output_dir "
-            "true to replace it, or choose another --output_dir."
+            f"--output_dir {output_dir} already holds files the audit writes ({', '.join(earlier)}): pass "
+            "--overwrite_output_dir true to replace them, or choose another --output_dir (or --reference_logps_file)."
         )
     _probe_writable(output_dir, "--output_dir")
     _probe_writable(os.path.dirname(os.path.abspath(reference_file)), "--reference_logps_file")
+
+
+def config_path(argv: list[str] | None) -> str | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    index = argv.index("--config") if "--config" in argv else -1
+    return argv[index + 1] if 0 <= index < len(argv) - 1 else None
+
+
+def _unknown_keys(path: str | None, keys: list[str], method: Method) -> str:
+    """`trl-cpo train` refuses a config with keys no argument reads; the audit reads the same arguments and refuses
+    them too, suggesting the closest option."""
+    known = [action.dest for action in make_parser(method, _method_args.other_settings_types(method.name))._actions]
+    hints = []
+    for key in keys:
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return (
+        f"--config {path}: unknown key(s) {', '.join(hints)}. No option of --method {method.name} reads them, and "
+        "trl-cpo train refuses the same file: fix or remove them."
+    )
+
+
+def _inputs(argv, script, datasets, model) -> list[tuple[str, str]]:
+    """What the audit reads, as (flag, path): the config file, the local data, the model folder."""
+    inputs = [("--config", config_path(argv)), ("--dataset_name", script.dataset_name)]
+    inputs += [("--datasets", path) for path in mixture_files(datasets)] if datasets.datasets else []
+    inputs.append(("--model_name_or_path", model.model_name_or_path))
+    return [(flag, str(path)) for flag, path in inputs if path]
 
 
 def parse(argv: list[str] | None, work_dir: str) -> AuditSettings:
@@ -252,8 +317,7 @@ def parse(argv: list[str] | None, work_dir: str) -> AuditSettings:
     if cli_leftover:
         raise AuditError(f"unrecognized arguments: {' '.join(cli_leftover)} (see trl-cpo audit --help).")
     if config_leftover:
-        keys = [item[2:] for item in config_leftover[::2]]
-        notes.append(f"--config: ignoring keys the audit does not read: {', '.join(keys)}.")
+        raise AuditError(_unknown_keys(config_path(argv), [item[2:] for item in config_leftover[::2]], method))
     if script.method not in METHODS:
         raise AuditError(f"--method {script.method!r} is unknown: use one of {list(METHODS)}.")
     _check_model(model.model_name_or_path)
@@ -275,7 +339,7 @@ def parse(argv: list[str] | None, work_dir: str) -> AuditSettings:
         raise _flag_error(error) from None
     output_dir = raw.output_dir or DEFAULT_OUTPUT_DIR
     reference_file = raw.reference_logps_file or os.path.join(output_dir, DEFAULT_FILE_NAME)
-    check_output(output_dir, reference_file, audit.overwrite_output_dir)
+    check_output(output_dir, reference_file, audit.overwrite_output_dir, _inputs(argv, script, datasets, model))
     return AuditSettings(
         audit=audit,
         script=script,

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from trl_cpo.dataset_loading import drop_redundant_prompt, load_datasets
+from trl_cpo.dataset_loading import DatasetFileError, drop_redundant_prompt, load_datasets
 
 from .args import AuditError, AuditSettings
 
@@ -47,6 +47,8 @@ def _load_train_split(settings: AuditSettings):
     name = "the datasets: mixture" if mixture.datasets else f"--dataset_name {script.dataset_name}"
     try:
         dataset = load_datasets(script, mixture)
+    except DatasetFileError as error:  # names the file and line, and the fix
+        raise AuditError(str(error)) from None
     except Exception as error:  # noqa: BLE001 - any reader failure on the user's data is a user error
         missing = not mixture.datasets and not os.path.exists(os.path.expanduser(script.dataset_name))
         where = "no such file or folder, and as a Hub dataset it " if missing else ""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from trl_cpo import _trl_compat
 from trl_cpo.fingerprint import ReferenceFingerprint, reference_fingerprint
+from trl_cpo.pair_checks import PreferenceDataError
 from trl_cpo.reference import ReferenceLogps
 from trl_cpo.scripts import train as train_script
 
@@ -77,6 +78,8 @@ def score(settings: AuditSettings, dataset) -> Scored:
             f"--model_name_or_path {settings.model.model_name_or_path}: could not load the model or its tokenizer "
             f"({_first_line(error)})."
         ) from None
+    except PreferenceDataError as error:  # what the trainer refuses once the pairs are tokenized
+        raise AuditError(str(error)) from None
     prepared = trainer.train_dataset
     max_length = trainer.args.max_length
     truncated = 0

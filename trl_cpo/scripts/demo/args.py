@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from trl_cpo.report import DEFAULT_LIFT_SHARE
 from .rows import ROWS, build_config
 
 SWEEP_HINT = "0 0.2 0.4 0.6"
-#: Files the demo writes into --output_dir (deleted by --overwrite_output_dir; nothing else ever is).
-OUTPUT_FILES = ("results.json", "table.txt", "sweep.png")
+#: Files the demo writes into --output_dir (deleted by --overwrite_output_dir; nothing else ever is). results.json is
+#: written through results.json.partial.
+OUTPUT_FILES = ("results.json", "results.json.partial", "table.txt", "sweep.png")
 OUTPUT_PATTERN = ("curves_corruption-", ".png")
 
 
@@ -119,8 +121,6 @@ class DemoArguments:
     num_layers: int = field(default=2, metadata=_help("Layers of the tiny Llama."))
 
     def __post_init__(self):
-        from trl_cpo.losses import check_beta
-
         for name in (
             "seeds",
             "max_steps",
@@ -154,11 +154,35 @@ class DemoArguments:
         for name in ("label_noise", "ref_noise"):
             if not 0 <= getattr(self, name) < 0.5:
                 raise ValueError(f"--{name} {getattr(self, name)!r} is invalid: it must be in [0, 0.5).")
+        if not self.corruption or not self.methods:
+            raise ValueError("--corruption and --methods need at least one value each.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - self.seeds:
+            raise ValueError(f"--seed {self.seed} is invalid: seeds must be in [0, 2**32 - 1] (numpy's range).")
         for name in ("learning_rate", "ref_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name} {getattr(self, name)!r} is invalid: it must be > 0.")
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise ValueError(f"--{name} {value!r} is invalid: it must be a finite number > 0.")
+        self._check_method_settings()
+
+    def _check_method_settings(self) -> None:
+        """The method settings, checked as the configs check them, whichever rows run."""
+        from trl_cpo.losses import check_beta, check_margin_hyperparameters, check_target_hyperparameters
+
+        share = self.cpo_auto_gamma
         try:
             check_beta(self.beta)
+            check_margin_hyperparameters(gamma=self.cpo_gamma, max_margin=self.cpo_max_margin, prefix="cpo_")
+            check_target_hyperparameters(
+                gamma=self.ecpoc_gamma, tau=self.ecpoc_tau, alpha=self.ecpoc_alpha, prefix="ecpoc_"
+            )
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise ValueError(
+                    f"cpo_auto_gamma={share!r} is invalid: it is the share of misaligned pairs to lift, in (0, 1]."
+                )
         except ValueError as error:
             raise ValueError(f"--{error}") from None
 
@@ -186,22 +210,40 @@ def build_configs(args: DemoArguments, output_dir: str = "demo-configs") -> dict
 
 
 def _own_outputs(path: str) -> list[str]:
+    return sorted(name for name in os.listdir(path) if _is_output(name))
+
+
+def _is_output(name: str) -> bool:
     prefix, suffix = OUTPUT_PATTERN
-    return sorted(
-        name
-        for name in os.listdir(path)
-        if name in OUTPUT_FILES or (name.startswith(prefix) and name.endswith(suffix))
-    )
+    return name in OUTPUT_FILES or (name.startswith(prefix) and name.endswith(suffix))
 
 
-def prepare_output_dir(path: str, overwrite: bool) -> list[str]:
+def remove_outputs(path: str) -> list[str]:
+    """Delete the demo's own files in `path` (what a failed run wrote); return their names."""
+    removed = _own_outputs(path) if os.path.isdir(path) else []
+    for name in removed:
+        os.remove(os.path.join(path, name))
+    return removed
+
+
+def prepare_output_dir(path: str, overwrite: bool, inputs: dict[str, str | None] | None = None) -> list[str]:
     """Check `path` before anything trains; return the earlier demo outputs it deleted.
 
-    A folder that holds files is refused unless `overwrite`; then the demo's own files there (results.json,
-    table.txt, the PNGs) are deleted, so no stale figure survives next to new results. Nothing else is touched.
+    An input (`inputs`: flag -> file, e.g. the --config YAML) named as one of the demo's outputs in `path` is refused,
+    even with `overwrite`: the demo never writes over its inputs. A folder that holds files is refused unless
+    `overwrite`; then the demo's own files there (results.json, table.txt, the PNGs) are deleted, so no stale figure
+    survives next to new results. Nothing else is touched.
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"--output_dir {path!r} is a file, not a folder; choose another --output_dir.")
+    for flag, source in (inputs or {}).items():
+        folder = os.path.realpath(os.path.dirname(os.path.abspath(source))) if source else None
+        if folder == os.path.realpath(path) and _is_output(os.path.basename(source)):
+            raise UsageError(
+                f"{flag} {source} has the name of a file the demo writes in --output_dir {path!r}; the demo never "
+                "writes over its inputs, even with --overwrite_output_dir. Move or rename it, or choose another "
+                "--output_dir."
+            )
     if os.path.isdir(path) and os.listdir(path):
         if not overwrite:
             found = _own_outputs(path) or sorted(os.listdir(path))

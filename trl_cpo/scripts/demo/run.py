@@ -9,7 +9,8 @@ The flow of `main`:
    ``--overwrite_output_dir``, in which case the demo's own earlier outputs are deleted first;
 4. for each corruption ratio and seed: train the reference by SFT (`task.train_sft`), measure it on held-out pairs,
    then train every row (`rows`) from it and measure each every ``--eval_every`` steps (`measure.HeldOut`);
-   `results.json` is rewritten after every row so nothing is lost to an interrupted run;
+   `results.json` is rewritten after every row (``"complete": false``), so an interrupted run (Ctrl-C) keeps the
+   rows it finished; a run that fails removes the files it wrote, which would block the next run into the folder;
 5. print the tables, then write `table.txt`, the plots and the final `results.json` (`report`).
 """
 
@@ -28,7 +29,7 @@ from typing import Any
 
 from . import report
 from . import task as task_lib
-from .args import DemoArguments, build_configs, prepare_output_dir
+from .args import DemoArguments, build_configs, prepare_output_dir, remove_outputs
 from .measure import HeldOut, mean_or_none
 from .rows import make_trainer, predicted_delta_pi, row_method, row_targets
 
@@ -289,23 +290,46 @@ def run_demo(args: DemoArguments, configs: dict[str, Any] | None = None) -> dict
     start = time.perf_counter()
     output = report.new_output(args, configs)
     json_path = os.path.join(args.output_dir, "results.json")
-    with _quiet(args.num_threads, not args.disable_tqdm), tempfile.TemporaryDirectory(prefix="trl-cpo-demo-") as work:
-        for ratio in args.corruption:
-            entry = {"corruption": ratio, "seeds": []}
-            output["results"].append(entry)
+    try:
+        with (
+            _quiet(args.num_threads, not args.disable_tqdm),
+            tempfile.TemporaryDirectory(prefix="trl-cpo-demo-") as work,
+        ):
+            for ratio in args.corruption:
+                entry = {"corruption": ratio, "seeds": []}
+                output["results"].append(entry)
 
-            def on_row(seed_result, entry=entry):
-                seeds = [s for s in entry["seeds"] if s["seed"] != seed_result["seed"]]
-                entry["seeds"] = [*seeds, seed_result]
-                output["timing_seconds"] = round(time.perf_counter() - start, 2)
-                report.write_json(json_path, output)
+                def on_row(seed_result, entry=entry):
+                    seeds = [s for s in entry["seeds"] if s["seed"] != seed_result["seed"]]
+                    entry["seeds"] = [*seeds, seed_result]
+                    output["timing_seconds"] = round(time.perf_counter() - start, 2)
+                    report.write_json(json_path, output)
 
-            for seed in args.seed_list:
-                run_seed(ratio, seed, args, configs, work, on_row=on_row)
-            entry["summary"] = report.summarize(entry, args.methods)
-    output["complete"] = True
-    output["timing_seconds"] = round(time.perf_counter() - start, 2)
-    report.finish(output, args)
+                for seed in args.seed_list:
+                    run_seed(ratio, seed, args, configs, work, on_row=on_row)
+                entry["summary"] = report.summarize(entry, args.methods)
+        output["complete"] = True
+        output["timing_seconds"] = round(time.perf_counter() - start, 2)
+        report.finish(output, args)
+    except KeyboardInterrupt:
+        if os.path.isfile(json_path):
+            print(
+                f'trl-cpo demo: interrupted; the rows it finished are in {json_path} ("complete": false). Another run '
+                f"into {args.output_dir} needs --overwrite_output_dir (or another --output_dir).",
+                file=sys.stderr,
+            )
+        raise
+    except BaseException:
+        # The folder held none of the demo's files when the run started (`prepare_output_dir`): what is there now is
+        # this run's, and would block the next run.
+        removed = remove_outputs(args.output_dir)
+        if removed:
+            print(
+                f"trl-cpo demo: the run failed; removed its partial {', '.join(removed)} from {args.output_dir}, so "
+                "the next run can use that folder.",
+                file=sys.stderr,
+            )
+        raise
     return output
 
 
@@ -315,6 +339,12 @@ def _parse(argv: Sequence[str] | None) -> DemoArguments:
     parser = TrlParser(dataclass_types=[DemoArguments], prog="trl-cpo demo", description=DESCRIPTION)
     (args,) = parser.parse_args_and_config(None if argv is None else list(argv))
     return args
+
+
+def _config_path(argv: Sequence[str] | None) -> str | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    index = argv.index("--config") if "--config" in argv else -1
+    return argv[index + 1] if 0 <= index < len(argv) - 1 else None
 
 
 DESCRIPTION = (
@@ -340,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             return 2
         configs = build_configs(args)
-        removed = prepare_output_dir(args.output_dir, args.overwrite_output_dir)
+        removed = prepare_output_dir(args.output_dir, args.overwrite_output_dir, {"--config": _config_path(argv)})
     except (ValueError, OSError) as error:
         print(f"trl-cpo demo: error: {error}", file=sys.stderr)
         return 2
