@@ -264,7 +264,9 @@ def script_loads(recipe, monkeypatch):
 
 def _complete_checkpoint(folder: Path) -> str:
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"))  # readable: a complete checkpoint's is parsed
     (folder / "trainer_state.json").write_text("{}")
     return str(folder)
 
