@@ -22,6 +22,7 @@ _bnb_log.install()
 
 #: Public name -> the submodule that defines it.
 _LAZY_NAMES = {
+    "DiagnosticsCallback": "callbacks",
     "UFractionCallback": "callbacks",
     "end_training": "_distributed",
     "CPOConfig": "cpo_config",
@@ -49,6 +50,7 @@ __all__ = [
     "METHODS",
     "CPOConfig",
     "CPOTrainer",
+    "DiagnosticsCallback",
     "ECPOCConfig",
     "ECPOCTrainer",
     "GammaRecommendation",
@@ -85,7 +87,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names eagerly
     from ._distributed import end_training
-    from .callbacks import UFractionCallback
+    from .callbacks import DiagnosticsCallback, UFractionCallback
     from .cpo_config import CPOConfig
     from .cpo_trainer import CPOTrainer
     from .ecpoc_config import ECPOCConfig
