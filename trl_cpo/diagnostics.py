@@ -131,8 +131,9 @@ def pair_columns(
     counts (eos included, as TRL counts them), the method's `target` in the loss's space (None: no logistic target),
     and the policy's summed log-probs if there is a policy (else its columns are None)."""
     lengths = (chosen_lengths, rejected_lengths)
-    summed = ref_chosen.double() - ref_rejected.double()
-    per_token_chosen, per_token_rejected = to_loss_space(ref_chosen.double(), ref_rejected.double(), *lengths, True)
+    # float32, as `trl_cpo.reference.ReferenceLogps.delta_ref` computes them (the audit's tables count these values).
+    summed = ref_chosen.float() - ref_rejected.float()
+    per_token_chosen, per_token_rejected = to_loss_space(ref_chosen, ref_rejected, *lengths, True)
     space_chosen, space_rejected = to_loss_space(ref_chosen, ref_rejected, *lengths, length_normalized)
     delta_ref = space_chosen - space_rejected
     n = len(summed)
@@ -204,3 +205,48 @@ def summary(columns: dict[str, list]) -> dict[str, float]:
         "both_fell": share("both_fell"),
         "saturated_fraction": share("saturated"),
     }
+
+
+# -- the model card's summary --------------------------------------------------------------------------------------------
+
+#: What each metric is, in the model card's words.
+CARD_LABELS = {
+    "u_fraction": "pairs in U (`delta_ref < delta_pi < 0`)",
+    "ref_misaligned_fraction": "reference prefers the rejected response",
+    "ranking_accuracy": "policy prefers the chosen response (ranking accuracy)",
+    "ref_ranking_accuracy": "reference prefers the chosen response",
+    "likelihood_displacement": "chosen log-prob below the reference's",
+    "both_fell": "chosen and rejected log-probs both below the reference's",
+    "saturated_fraction": "gradient weight `sigmoid(-z)` below 0.01",
+}
+
+
+def card_section(log_history: list[dict], final: dict[str, dict]) -> str:
+    """Markdown: the diagnostics at the end of training, from the last logged training and evaluation entries and, when
+    the per-pair files were written, over each whole split at the final weights (`DiagnosticsCallback.final`)."""
+    columns: list[tuple[str, dict]] = []
+    for prefix, title in (("", "last logged training step"), ("eval_", "last evaluation")):
+        entries = [entry for entry in log_history if f"{prefix}ranking_accuracy" in entry]
+        if entries:
+            last = entries[-1]
+            values = {name: last.get(f"{prefix}{name}") for name in STEP_METRICS}
+            columns.append((f"{title} (step {last.get('step')})", values))
+    columns += [
+        (f"{split} set, final weights ({values['num_pairs']} pairs)", values) for split, values in final.items()
+    ]
+    if not columns:
+        return "No diagnostics were logged (the card was written before the first logging step)."
+    lines = [
+        "| share of pairs | " + " | ".join(title for title, _ in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for name, label in CARD_LABELS.items():
+        cells = [" - " if values.get(name) is None else f"{values[name]:.3g}" for _, values in columns]
+        lines.append(f"| `{name}`: {label} | " + " | ".join(cells) + " |")
+    note = (
+        "Computed in the loss's log-prob space (see `trl_cpo.diagnostics`). DPO's `rewards/accuracies` counts a pair "
+        "in U as correct; `ranking_accuracy` counts it as wrong."
+    )
+    if final:
+        note += f" Per pair, keyed by dataset row: `{PAIRS_DIR}/<split>.jsonl` in the training run's output folder."
+    return "\n".join(lines) + "\n\n" + note

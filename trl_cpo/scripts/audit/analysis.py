@@ -311,6 +311,7 @@ def analyze(reference, config, method: str, report) -> dict[str, object]:
             "delta_ref_per_token": per_token,
             "misaligned": delta < 0,
             "confident_misaligned": confident_mask,
+            "target": METHODS[method].target_from_config(reference, config),
             "cpo_target": CPO.target_from_config(reference, config),
             "ecpoc_target": ECPOC.target_from_config(reference, config),
         },

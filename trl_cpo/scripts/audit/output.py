@@ -23,6 +23,8 @@ import math
 import os
 import textwrap
 
+from trl_cpo.diagnostics import pair_columns
+from trl_cpo.logps import is_length_normalized
 from trl_cpo.report import ReferenceReport
 
 from .args import PAIRS_FILE, REPORT_FILE, AuditSettings
@@ -95,16 +97,21 @@ def report_json(settings: AuditSettings, scored, report: ReferenceReport, number
 
 
 def pair_rows(scored, numbers: dict) -> list[dict]:
-    """One dict per scored pair: input row, summed log-probs, token counts, delta_ref in both spaces, flags, targets."""
-    reference, per_pair = scored.reference, numbers["per_pair"]
-    columns = {
-        "row": scored.rows,
-        "chosen_logp": reference.chosen.tolist(),
-        "rejected_logp": reference.rejected.tolist(),
-        "chosen_tokens": reference.chosen_lengths.long().tolist(),
-        "rejected_tokens": reference.rejected_lengths.long().tolist(),
-        **{name: values.tolist() for name, values in per_pair.items()},
-    }
+    """One dict per scored pair: the columns training's per-pair files have (`trl_cpo.diagnostics.PAIR_COLUMNS`; the
+    policy's are null, nothing has trained yet), then the audit's own: `confident_misaligned`, `cpo_target`,
+    `ecpoc_target`."""
+    reference, per_pair, config = scored.reference, numbers["per_pair"], scored.config
+    columns = pair_columns(
+        scored.rows,
+        reference.chosen,
+        reference.rejected,
+        reference.chosen_lengths,
+        reference.rejected_lengths,
+        length_normalized=is_length_normalized(config.loss_type),
+        target=per_pair["target"],
+        beta=config.beta,
+    )
+    columns.update({name: per_pair[name].tolist() for name in ("confident_misaligned", "cpo_target", "ecpoc_target")})
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
