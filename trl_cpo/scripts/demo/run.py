@@ -85,6 +85,8 @@ def train_row(name, config, reference, tokenizer, train_dataset, held_out: HeldO
     # once per row and seed.
     with contextlib.redirect_stdout(printed):
         trainer = make_trainer(name, copy.deepcopy(reference), config, train_dataset, tokenizer)
+        # The trl_cpo trainers precompute (and print their report) when first needed: here, inside the redirect.
+        getattr(trainer, "precompute_reference", lambda: None)()
     bar = _bar(total=args.max_steps, desc=f"{label} {name:<16}", disable=args.disable_tqdm)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -317,7 +319,8 @@ def _parse(argv: Sequence[str] | None) -> DemoArguments:
 
 DESCRIPTION = (
     "Train DPO (TRL's DPOTrainer), CPO at the default and at the recommended cpo_gamma, CPO with the released "
-    "inverse_logp numerics, and E-CPOC on a tiny model on CPU, from a reference that prefers the rejected response on "
+    "inverse_logp numerics, E-CPOC and HyPO (E-CPOC's hard limit, the released code's default) on a tiny model on "
+    "CPU, from a reference that prefers the rejected response on "
     "a share of the pairs; measure over several seeds how many held-out pairs each leaves in the undesirable space U "
     "(delta_ref < delta_pi < 0), next to the optimum each loss predicts. The misaligned-reference experiment of "
     "arXiv:2605.20834 at small scale, offline. CPO here is Constrained Preference Optimization, not TRL's "
