@@ -11,7 +11,7 @@ meaning bumps it.
 - the inputs: `method`, `model_name_or_path`, `dataset_name`, `dataset_train_split`, `loss_type`, `beta`,
   `max_length`, `truncation_mode`, `method_settings`, pair counts, `num_processes`;
 - the audit's own numbers: `spaces`, `sign_crosstab`, `sign_differs_fraction`, `misaligned_in_one_space_fraction`,
-  `length_buckets`, `confident`, `cpo`, `cpo_at_recommended_gamma`, `ecpoc`, `verdict`, `verdict_text`,
+  `length_buckets`, `confident`, `cpo`, `cpo_at_recommended_gamma`, `ecpoc`, `hypo`, `verdict`, `verdict_text`,
   `verdict_caveat`;
 - the reference log-probs file: `reference_logps_file`, `fingerprint`.
 """
@@ -88,7 +88,7 @@ def report_json(settings: AuditSettings, scored, report: ReferenceReport, number
     verdict = numbers["verdict"]
     payload.update({k: numbers[k] for k in ("spaces", "sign_crosstab", "sign_differs_fraction")})
     payload.update({k: numbers[k] for k in ("misaligned_in_one_space_fraction", "length_buckets", "confident")})
-    payload.update({k: numbers[k] for k in ("cpo", "cpo_at_recommended_gamma", "ecpoc")})
+    payload.update({k: numbers[k] for k in ("cpo", "cpo_at_recommended_gamma", "ecpoc", "hypo")})
     payload.update(verdict=verdict.branch, verdict_text=verdict.text, verdict_caveat=verdict.caveat)
     payload.update(
         reference_logps_file=os.path.abspath(settings.reference_file), fingerprint=scored.fingerprint.to_dict()
@@ -181,7 +181,7 @@ def format_tables(payload: dict) -> str:
             f"  {tokens:<16}{bucket['num_pairs']:>7}{_ci(bucket, 'misaligned_fraction_summed'):>26}"
             f"{_ci(bucket, 'misaligned_fraction_per_token'):>26}"
         )
-    cpo, ecpoc, confident = payload["cpo"], payload["ecpoc"], payload["confident"]
+    cpo, ecpoc, hypo, confident = payload["cpo"], payload["ecpoc"], payload["hypo"], payload["confident"]
     lines += [
         "",
         "What the methods do to the misaligned pairs (share lifted to a target >= 0, in the loss's space)",
@@ -198,6 +198,8 @@ def format_tables(payload: dict) -> str:
     lines += [
         f"  E-CPOC ecpoc_gamma={ecpoc['ecpoc_gamma']:g}: lifts {_pct(ecpoc['lifted_fraction'])}, floor binds on "
         f"{_pct(ecpoc['floor_binding_fraction'])} of pairs",
+        f"  HyPO (target max(delta_ref, 0)): lifts {_pct(hypo['lifted_fraction'])}, changes the target of "
+        f"{_pct(hypo['floor_binding_fraction'])} of pairs (those with delta_ref < 0)",
         f"  reference confident (|delta_ref| >= {confident['threshold']:.3g}, its {confident['quantile']:.0%} quantile) "
         f"on {_pct(confident['misaligned_confident_fraction'])} of the misaligned pairs",
         "",
