@@ -1,7 +1,7 @@
 """The method table (`trl_cpo.methods`): a variant of a method is one entry, with its classes derived from its base's.
 
-The DPO baseline is such an entry (CPO at cpo_gamma=0); HyPO, built here and not registered, is the next one: E-CPOC at
-ecpoc_gamma=0, ecpoc_tau=inf, ecpoc_alpha=1, whose target is max(delta_ref, 0).
+The DPO baseline is such an entry (CPO at cpo_gamma=0), and so is HyPO: E-CPOC at ecpoc_gamma=0, ecpoc_tau=inf,
+ecpoc_alpha=1, whose target is max(delta_ref, 0) (tests/test_hypo.py checks it against the released formula).
 """
 
 from __future__ import annotations
@@ -14,20 +14,12 @@ import torch
 from helpers import CPU
 
 from trl_cpo import CPOConfig, CPOTrainer, ECPOCTrainer
-from trl_cpo.methods import METHODS, Pairs, VariantCard, method_for_config, variant
+from trl_cpo.methods import METHODS, Pairs, method_for_config, variant
 from trl_cpo.reference import ReferenceLogps
 
 
 def hypo():
-    return variant(
-        METHODS["ecpoc"],
-        name="hypo",
-        title="HyPO",
-        class_prefix="HyPO",
-        pinned={"ecpoc_gamma": 0.0, "ecpoc_tau": math.inf, "ecpoc_alpha": 1.0},
-        formula="loss = -log sigmoid(beta * (delta_pi - max(delta_ref, 0)))",
-        card=VariantCard(tags=("trl", "hypo"), name="HyPO", paper=lambda: {"title": "t", "id": "0", "citation": ""}),
-    )
+    return METHODS["hypo"]
 
 
 def reference():

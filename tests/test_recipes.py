@@ -212,7 +212,7 @@ def test_method_switch_and_command_line_overrides(recipe, caplog):
 def test_method_tables_derive_from_the_package_table(recipe):
     from trl_cpo.methods import METHODS
 
-    assert recipe.METHODS == ("cpo", "ecpoc", "dpo")
+    assert recipe.METHODS == ("cpo", "ecpoc", "dpo", "hypo")
     for name, method in METHODS.items():
         assert recipe.TRAINERS[name] is method.trainer_class
         assert recipe.CONFIG_CLASSES[name] is method.config_class

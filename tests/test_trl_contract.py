@@ -127,7 +127,7 @@ def test_policy_forward_is_one_fused_lm_head_call_with_log_probs(tokenizer, tmp_
             compat.summed_completion_logps(log_probs, batch[compat.COMPLETION_MASK]), expected.sum(1).chunk(2)
         ):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        # The same call made outside the loss (UFractionCallback) gives the same log-probs.
+        # The same call made outside the loss (DiagnosticsCallback's per-pair pass) gives the same log-probs.
         torch.testing.assert_close(compat.fused_forward_log_probs(trainer.model, batch).detach(), log_probs)
 
 
@@ -240,6 +240,36 @@ def test_compute_ref_log_probs_sums_the_reference_and_disables_the_adapter(token
         assert not torch.allclose(policy_logps[0], base_logps[0], atol=1e-3), "the adapter should change the policy"
         for g, want in zip(compat.reference_logps(peft, peft.model, batch), base_logps):
             torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-4)
+
+
+def test_live_reference_forwards_follow_the_policy_forward_in_compute_loss(tokenizer, tmp_path):
+    peft = DPOTrainer(
+        model=build_tiny_llama(tokenizer, seed=3),
+        args=DPOConfig(**cpu_args(tmp_path / "peft", beta=BETA)),
+        train_dataset=Dataset.from_list(make_pairs(PAIRS, seed=11)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    batch = compat.prepare_inputs(peft, first_batch(peft))
+    live = dpo_trainer(tokenizer, tmp_path / "live", precompute_ref_log_probs=False)
+    with contract("loss_forwards"):
+        # PEFT without ref_model: the policy's fused forward, then the same model's with the adapter disabled.
+        policy_calls = FusedCalls(peft.model)
+        peft.compute_loss(peft.model, batch)
+        fused = [output.log_probs.detach() for flag, output in policy_calls.calls if flag]
+        with peft.model.disable_adapter():
+            base = compat.fused_forward_log_probs(peft.model, batch).detach()
+        assert len(fused) == 2 and torch.equal(fused[1], base) and not torch.allclose(fused[0], base)
+        # A ref_model: the policy's one fused forward, and the ref_model's.
+        policy_calls, ref_calls = FusedCalls(live.model), FusedCalls(live.ref_model)
+        live.compute_loss(live.model, first_batch(live))
+        assert [flag for flag, _ in policy_calls.calls] == [True] and [flag for flag, _ in ref_calls.calls] == [True]
+        # Training and evaluation call the instance's compute_loss once per micro-batch (a callback may wrap it).
+        seen, compute_loss = [], peft.compute_loss
+        peft.compute_loss = lambda *args, **kwargs: seen.append(peft.model.training) or compute_loss(*args, **kwargs)
+        peft.train()
+        peft.evaluate(peft.train_dataset)
+        assert seen == [True] * peft.state.global_step + [False] * -(-PAIRS // peft.args.per_device_eval_batch_size)
 
 
 # -- metrics ----------------------------------------------------------------------------------------------------------

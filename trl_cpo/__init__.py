@@ -1,4 +1,5 @@
-"""trl-cpo: Constrained Preference Optimization (CPO, E-CPOC; arXiv:2605.20834) for Hugging Face TRL.
+"""trl-cpo: Constrained Preference Optimization (CPO, E-CPOC; arXiv:2605.20834) for Hugging Face TRL, and HyPO
+(arXiv:2602.11902), the released CPO code's default variant.
 
 Not TRL's Contrastive Preference Optimization (`trl.experimental.cpo`): same acronym, different algorithm.
 
@@ -25,12 +26,15 @@ _bnb_log.install()
 
 #: Public name -> the submodule that defines it.
 _LAZY_NAMES = {
+    "DiagnosticsCallback": "callbacks",
     "UFractionCallback": "callbacks",
     "end_training": "_distributed",
     "CPOConfig": "cpo_config",
     "CPOTrainer": "cpo_trainer",
     "ECPOCConfig": "ecpoc_config",
     "ECPOCTrainer": "ecpoc_trainer",
+    "HyPOConfig": "methods",
+    "HyPOTrainer": "methods",
     "METHODS": "methods",
     "Method": "methods",
     "ReferenceFileError": "reference_store",
@@ -50,9 +54,12 @@ __all__ = [
     "METHODS",
     "CPOConfig",
     "CPOTrainer",
+    "DiagnosticsCallback",
     "ECPOCConfig",
     "ECPOCTrainer",
     "GammaRecommendation",
+    "HyPOConfig",
+    "HyPOTrainer",
     "Method",
     "ReferenceFileError",
     "ReferenceLogps",
@@ -84,12 +91,12 @@ def __dir__():
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names eagerly
     from ._distributed import end_training
-    from .callbacks import UFractionCallback
+    from .callbacks import DiagnosticsCallback, UFractionCallback
     from .cpo_config import CPOConfig
     from .cpo_trainer import CPOTrainer
     from .ecpoc_config import ECPOCConfig
     from .ecpoc_trainer import ECPOCTrainer
-    from .methods import METHODS, Method
+    from .methods import METHODS, HyPOConfig, HyPOTrainer, Method
     from .reference import ReferenceLogps, compute_reference_logps
     from .reference_store import ReferenceFileError, load_reference_checkpoint, save_reference_checkpoint
     from .report import GammaRecommendation, ReferenceReport, recommend_cpo_gamma, reference_report, wilson_interval

@@ -126,6 +126,18 @@ class _ReferenceMarginConfig(DPOConfig):
         },
     )
 
+    pair_diagnostics: str = field(
+        default="end",
+        metadata={
+            "help": "Per-pair diagnostics files, one JSON-lines file per split keyed by the dataset row (delta_ref, "
+            "delta_pi, the method's target, misaligned / in-U / displaced / saturated flags, completion lengths), in "
+            "<output_dir>/_diagnostics/ (kept out of push_to_hub). 'end': at the end of training, for the train set "
+            "and every eval set; 'eval': also for the eval sets at every evaluation (in step-<N>/); 'no': none. Each "
+            "file costs one no-grad forward of the policy over its split.",
+            "choices": ["end", "eval", "no"],
+        },
+    )
+
     reference_logps_file: str | None = field(
         default=None,
         metadata={

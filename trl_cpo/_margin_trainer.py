@@ -24,11 +24,12 @@ from . import _trl_compat
 from ._config_utils import ensure_writable_output_dir, from_dpo_config
 from ._distributed import end_distributed_run
 from ._grad_check import FirstStepGradientCheck
+from .callbacks import DiagnosticsCallback
 from .checkpoints import prepare_resume, save_reference, write_after_trainer_state
 from .data import LengthReport, prepare_with_length_report, validate_datasets
+from .diagnostics import step_metrics
 from .logps import PolicyLogpsRecorder, is_length_normalized, to_loss_space
 from .methods import Method
-from .metrics import U_FRACTION_ATOL, ref_misaligned_fraction, u_fraction
 from .model_card import write_model_card
 from .nonfinite import NonFiniteGradientGuard, check_loss, check_weights
 from .pair_checks import check_identical_pairs
@@ -101,6 +102,9 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
         )
         if self.args.stop_on_nonfinite:  # after the first-step check, which names the first step's problems
             self.add_callback(NonFiniteGradientGuard(self))
+        #: Writes the per-pair files (`pair_diagnostics`); the per-step diagnostics are logged by the loss step.
+        self.diagnostics = DiagnosticsCallback(self, pairs=self.args.pair_diagnostics, log_steps=False)
+        self.add_callback(self.diagnostics)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if eval_dataset is not None:
@@ -218,10 +222,12 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
             *to_loss_space(ref_chosen, ref_rejected, *lengths),
         )
         metrics = _trl_compat.metric_lists(self, mode)
-        metrics["u_fraction"].append(u_fraction(*space, atol=U_FRACTION_ATOL).item())
-        metrics["ref_misaligned_fraction"].append(ref_misaligned_fraction(*space[2:]).item())
         delta_ref = space[2] - space[3]
         target = delta_ref + margin / self.args.beta
+        # U, the reference's misalignment, ranking accuracy, likelihood displacement, saturation (trl_cpo.diagnostics).
+        logits = self.args.beta * (space[0] - space[1] - target)
+        for name, value in step_metrics(*space, logits).items():
+            metrics[name].append(value)
         metrics[self.method.metric_name].append(self.method.metric(target, delta_ref, self.args.beta).mean().item())
         # DPOTrainer logged its rewards from the shifted batch; overwrite them with DPO's meaning,
         # beta * (logp - ref_logp) on summed log-probs, so they stay comparable with a DPO run.

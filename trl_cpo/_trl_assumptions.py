@@ -67,7 +67,7 @@ ASSUMPTIONS: dict[str, Assumption] = {
             (
                 "trl_cpo._margin_trainer._ReferenceMarginTrainer.compute_loss",
                 "trl_cpo.reference.compute_reference_logps",
-                "trl_cpo.callbacks.UFractionCallback",
+                "trl_cpo.callbacks.DiagnosticsCallback",
             ),
             f"{_DPO}:DataCollatorForPreference.torch_call",
         ),
@@ -119,15 +119,24 @@ ASSUMPTIONS: dict[str, Assumption] = {
             "the completion log-probs",
             (
                 "trl_cpo._margin_trainer._PolicyLogpsRecorder",
-                "trl_cpo.callbacks.UFractionCallback._policy_logps",
+                "trl_cpo.callbacks.DiagnosticsCallback._policy_logps",
             ),
+            f"{_DPO}:DPOTrainer._compute_loss",
+        ),
+        Assumption(
+            "loss_forwards",
+            "Trainer.training_step and DPOTrainer.prediction_step call the instance's compute_loss(model, inputs, ...) "
+            "once per micro-batch; in it, the policy's fused-LM-head forward of trainer.model comes first, and a live "
+            "reference forward is the ref_model's fused-head call or, for a PEFT policy without ref_model, the second "
+            "fused-head call of trainer.model, with the adapter disabled",
+            ("trl_cpo.callbacks.DiagnosticsCallback._install_step_metrics",),
             f"{_DPO}:DPOTrainer._compute_loss",
         ),
         Assumption(
             "compute_ref_log_probs",
             "trainer.compute_ref_log_probs(model, batch) returns the (chosen, rejected) summed completion log-probs of "
             "model, with the PEFT adapter disabled when there is no ref_model",
-            ("trl_cpo.reference.compute_reference_logps", "trl_cpo.callbacks.UFractionCallback"),
+            ("trl_cpo.reference.compute_reference_logps", "trl_cpo.callbacks.DiagnosticsCallback"),
             f"{_DPO}:DPOTrainer.compute_ref_log_probs",
         ),
         Assumption(
@@ -232,20 +241,20 @@ ASSUMPTIONS: dict[str, Assumption] = {
             "disable_gradient_checkpointing",
             "trl.models.utils.disable_gradient_checkpointing(model, kwargs) switches gradient checkpointing off "
             "inside the block and back on after",
-            ("trl_cpo.callbacks.UFractionCallback._policy_logps",),
+            ("trl_cpo.callbacks.DiagnosticsCallback._policy_logps",),
             "trl.models.utils:disable_gradient_checkpointing",
         ),
         Assumption(
             "prepare_inputs",
             "Trainer._prepare_inputs(batch) returns the batch on the trainer's device",
-            ("trl_cpo.callbacks.UFractionCallback._batch_logps",),
+            ("trl_cpo.callbacks.DiagnosticsCallback._batch_logps",),
             f"{_TRAINER}:Trainer._prepare_inputs",
         ),
         Assumption(
             "eval_metric_prefix",
             "the metrics evaluate() hands to on_evaluate hold '<metric_key_prefix>_runtime' ('eval', or "
             "'eval_<name>' for a dict of eval sets)",
-            ("trl_cpo.callbacks.UFractionCallback.on_evaluate",),
+            ("trl_cpo.callbacks.DiagnosticsCallback.on_evaluate", "trl_cpo.callbacks.UFractionCallback.on_evaluate"),
             "transformers.trainer_utils:speed_metrics",
         ),
     )

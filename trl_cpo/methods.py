@@ -9,8 +9,8 @@ a method's name.
 Adding a method:
 
 - a setting of an existing method under its own name is one `variant` entry and nothing else. The DPO baseline below is
-  CPO at `cpo_gamma=0`; the released code's HyPO would be E-CPOC at `ecpoc_gamma=0, ecpoc_tau=inf, ecpoc_alpha=1`
-  (target `max(delta_ref, 0)`). A variant's config and trainer classes derive from its base's, with every setting of
+  CPO at `cpo_gamma=0`, and HyPO (the released code's default) is E-CPOC at `ecpoc_gamma=0, ecpoc_tau=inf,
+  ecpoc_alpha=1` (target `max(delta_ref, 0)`). A variant's config and trainer classes derive from its base's, with every setting of
   the base pinned (so they are no flags of `--method <variant>`);
 - a new objective is a target function and an effects function here, a config class and a trainer class (whose
   `method` is its entry), and one `Method` entry.
@@ -24,18 +24,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
-from . import _trl_compat
+from . import _cards, _trl_compat
 from .cpo_config import CPOConfig
 from .ecpoc_config import ECPOCConfig
 from .logps import is_length_normalized
 from .losses import cpo_margin, ecpoc_target
-from .model_card import PAPER_ID
 from .reference import ReferenceLogps
 
 
@@ -291,16 +291,6 @@ def _variant_trainer(method: Method) -> type:
     return type(method.trainer_name, (method.base.trainer_class,), namespace)
 
 
-def _dpo_baseline_description(args) -> str:
-    space = "per-token averaged" if is_length_normalized(args.loss_type) else "summed"
-    return (
-        "DPO baseline for a comparison with CPO (Constrained Preference Optimization, "
-        f"[arXiv:{PAPER_ID}](https://arxiv.org/abs/{PAPER_ID})), trained with trl-cpo's CPO trainer at "
-        f"`cpo_gamma = 0`, whose loss is exactly DPO's, on {space} log-probs (loss_type {args.loss_type}), "
-        "with reference log-probs precomputed once before training."
-    )
-
-
 METHODS: dict[str, Method] = {
     "cpo": Method(
         name="cpo",
@@ -345,7 +335,21 @@ METHODS["dpo"] = variant(
         tags=("trl", "dpo", "trl-cpo"),
         name="DPO baseline (of a CPO comparison)",
         paper=_trl_compat.dpo_paper,
-        description=_dpo_baseline_description,
+        description=_cards.dpo_baseline_description,
+    ),
+)
+#: HyPO (Yuan et al., ICLR 2026, arXiv:2602.11902), the released CPO code's default (`easy_version='clip'`): DPO with
+#: the target `max(delta_ref, 0)`, E-CPOC's hard limit.
+METHODS["hypo"] = variant(
+    METHODS["ecpoc"],
+    name="hypo",
+    title="HyPO",
+    class_prefix="HyPO",
+    pinned={"ecpoc_gamma": 0.0, "ecpoc_tau": math.inf, "ecpoc_alpha": 1.0},
+    formula="loss = -log sigmoid(beta * (delta_pi - max(delta_ref, 0))): HyPO, E-CPOC's hard limit (ecpoc_gamma = 0, "
+    "ecpoc_tau = inf, ecpoc_alpha = 1)",
+    card=VariantCard(
+        tags=("trl", "hypo", "trl-cpo"), name="HyPO", paper=_cards.hypo_paper, description=_cards.hypo_description
     ),
 )
 #: The entry a config of no method (a plain `trl.DPOConfig`) is read as: CPOTrainer turns one into a CPOConfig, and

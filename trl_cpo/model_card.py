@@ -8,8 +8,8 @@ The card is ready for the Hub:
 - `datasets:` metadata and links only for names that are Hub ids; a local file or folder is named, not linked.
 - `license:` from the `license` argument, else from the base model's own card (its README.md in the local folder or,
   for a Hub id, fetched from the Hub unless `HF_HUB_OFFLINE` is set), else left out.
-- "Training procedure": the method, its settings, the reference report computed at the precompute, and the first and
-  last `u_fraction` the run logged. "Framework versions" names trl-cpo's version next to TRL's.
+- "Training procedure": the method, its settings, the reference report computed at the precompute, the first and
+  last `u_fraction` the run logged, and the diagnostics at the end of training (`trl_cpo.diagnostics.card_section`). "Framework versions" names trl-cpo's version next to TRL's.
 
 `write_hub_dry_run` writes the folder `push_to_hub` would upload, without a network.
 """
@@ -202,7 +202,18 @@ def training_procedure(trainer, *, base_model: str, datasets: list[str]) -> str:
 ### U-fraction during training
 
 {u_fraction_summary(trainer.state.log_history)}
+
+### Diagnostics at the end of training
+
+{_diagnostics(trainer)}
 """
+
+
+def _diagnostics(trainer) -> str:
+    from .diagnostics import card_section  # imported here: this module loads without torch
+
+    callback = getattr(trainer, "diagnostics", None)
+    return card_section(trainer.state.log_history, getattr(callback, "final", {}))
 
 
 def _framework_versions() -> str:

@@ -6,7 +6,7 @@ r"""The audit's own numbers, beyond the trainers' reference report: pure functio
 - the misaligned fraction per completion-length bucket;
 - how often the reference is *confident* on the pairs it gets "wrong" (where a flipped label is the other
   explanation);
-- what CPO and E-CPOC do to the misaligned pairs at given settings (the share they lift to a target ``>= 0``: their
+- what CPO, E-CPOC and HyPO do to the misaligned pairs at given settings (the share they lift to a target ``>= 0``: their
   entries' `effects` in `trl_cpo.methods`, which the reference report prints too);
 - the verdict: :func:`recommend`.
 
@@ -25,8 +25,16 @@ from trl_cpo.methods import METHODS, Pairs
 from trl_cpo.report import QUANTILES, wilson_interval
 
 #: The methods the verdict chooses between, by their entries: their `effects` are the numbers it reads.
-CPO, ECPOC = METHODS["cpo"], METHODS["ecpoc"]
+CPO, ECPOC, HYPO = METHODS["cpo"], METHODS["ecpoc"], METHODS["hypo"]
 
+#: Verdict "no preference signal" when every pair's |delta_ref| (in the loss's space) is at most this: the reference
+#: cannot tell chosen from rejected on any pair (identical responses, or a model that scores both alike), so there is
+#: nothing to recommend a method on (`trl_cpo.metrics.U_FRACTION_ATOL`, the trainers' round-off tolerance).
+NO_SIGNAL_ATOL = 1e-4
+#: Among the pairs the reference gets right (delta_ref >= 0), the share whose target E-CPOC's floor (at the
+#: ecpoc_gamma in effect) would raise, above which the verdict prefers HyPO, whose floor is 0: it changes the target of
+#: the misaligned pairs only.
+MAX_ALIGNED_FLOOR_FRACTION = 0.25
 #: Verdict "DPO is fine" when the upper end of the 95% Wilson interval of the misaligned fraction is at most this:
 #: then DPO's assumption holds on at least 95% of pairs, with 95% confidence (a small sample with no misaligned pair
 #: does not qualify by luck).
@@ -45,7 +53,7 @@ LENGTH_BUCKETS = 4
 #: Sign labels of the cross-tab.
 SIGNS = ("negative", "zero", "positive")
 #: Verdict branches, in the order `recommend` tries them.
-BRANCHES = ("dpo_fine", "cpo_as_configured", "cpo_recommended_gamma", "use_ecpoc")
+BRANCHES = ("no_signal", "dpo_fine", "cpo_as_configured", "cpo_recommended_gamma", "use_hypo", "use_ecpoc")
 
 
 def _share(mask: torch.Tensor) -> float:
@@ -174,17 +182,23 @@ def recommend(
     confident: dict[str, float],
     method: str,
     cpo_gamma_is_configured: bool,
+    no_signal_fraction: float = 0.0,
+    aligned_floor_fraction: float = 0.0,
 ) -> Verdict:
     r"""The verdict, from the numbers, in this order:
 
+    0. ``no_signal``: every pair has ``|delta_ref| <= NO_SIGNAL_ATOL`` (`no_signal_fraction` 1): the reference
+       prefers neither response anywhere (e.g. identical chosen and rejected), so no method is recommended.
     1. ``dpo_fine``: the 95% upper bound of the misaligned fraction is at most `DPO_FINE_MAX_MISALIGNED` (5%).
     2. ``cpo_as_configured``: CPO at the cpo_gamma in effect (the config's for CPO, else CPOConfig's default) lifts at
        least `lift_share` of the misaligned pairs with at most `MAX_AT_CAP_FRACTION` of margins at the cap.
     3. ``cpo_recommended_gamma``: `recommend_cpo_gamma` found a cpo_gamma lifting `lift_share`, and at that gamma at
        most `MAX_AT_CAP_FRACTION` of margins sit at the cap.
-    4. ``use_ecpoc``: otherwise (the cap leaves too few pairs reachable, `inverse_logp` margins lower the target, or
-       the gamma that lifts enough puts most margins at the cap): E-CPOC's floor lifts the targets whatever the
-       reference's confidence.
+    4. a floor on the target (the cap leaves too few pairs reachable, `inverse_logp` margins lower the target, or the
+       gamma that lifts enough puts most margins at the cap), which lifts every misaligned pair whatever the
+       reference's confidence: ``use_hypo`` (target ``max(delta_ref, 0)``) when E-CPOC's floor at the configured
+       ecpoc_gamma would also raise the target of more than `MAX_ALIGNED_FLOOR_FRACTION` of the pairs the reference
+       gets right (`aligned_floor_fraction`), else ``use_ecpoc``.
 
     The caveat (whenever a pair is misaligned): ``delta_ref < 0`` can also mean a mislabelled pair, most of all where
     the reference is confident (see `confident_misaligned`).
@@ -193,6 +207,15 @@ def recommend(
     where = f"the {num_misaligned} misaligned pairs" if num_misaligned != 1 else "the 1 misaligned pair"
     gamma_source = "the configured" if cpo_gamma_is_configured else "CPOConfig's default"
     lift, cap = cpo["lifted_fraction"], cpo["margin_at_cap_fraction"]
+    if num_pairs and no_signal_fraction >= 1.0:
+        return Verdict(
+            "no_signal",
+            f"No preference signal: on all {num_pairs} pairs the reference scores the chosen and the rejected response "
+            f"alike (|delta_ref| <= {NO_SIGNAL_ATOL:g} in the loss's space; e.g. identical responses). No method can "
+            "be recommended from this reference: check that chosen and rejected differ, and that the columns and the "
+            "model are the intended ones.",
+            "",
+        )
     if misaligned_fraction_ci_high <= DPO_FINE_MAX_MISALIGNED:
         branch = "dpo_fine"
         text = (
@@ -220,7 +243,7 @@ def recommend(
             f"cpo_gamma={recommended_cpo_gamma:.4g} (or cpo_auto_gamma={lift_share:g})."
         )
     else:
-        branch = "use_ecpoc"
+        branch = "use_hypo" if aligned_floor_fraction > MAX_ALIGNED_FLOOR_FRACTION else "use_ecpoc"
         if recommended_cpo_gamma is None:
             why = recommended_reason
         else:
@@ -229,12 +252,26 @@ def recommend(
                 f"{cpo_at_recommended['margin_at_cap_fraction']:.0%} of margins would then sit at cpo_max_margin, "
                 "where CPO is DPO plus a constant."
             )
-        text = (
-            f"Use E-CPOC: CPO at {gamma_source} cpo_gamma={cpo['cpo_gamma']:.4g} lifts {lift:.0%} of {where} "
-            f"({pct} of pairs), and no cpo_gamma does the job: {why.rstrip('.')}. E-CPOC floors the target at "
-            f"ecpoc_gamma (for ecpoc_alpha <= 1), whatever the reference's confidence: at ecpoc_gamma={ecpoc['ecpoc_gamma']:g} it lifts {ecpoc['lifted_fraction']:.0%} of "
-            f"them (ECPOCTrainer{', as configured' if method == ECPOC.name else ''})."
+        start = (
+            f"CPO at {gamma_source} cpo_gamma={cpo['cpo_gamma']:.4g} lifts {lift:.0%} of {where} ({pct} of pairs), and "
+            f"no cpo_gamma does the job: {why.rstrip('.')}."
         )
+        floor = f"E-CPOC's floor at ecpoc_gamma={ecpoc['ecpoc_gamma']:g}"
+        if branch == "use_hypo":
+            text = (
+                f"Use HyPO (--method hypo, HyPOTrainer{', as configured' if method == HYPO.name else ''}): {start} "
+                "HyPO's target max(delta_ref, 0) (E-CPOC's hard limit at ecpoc_gamma=0) lifts every one of them to 0 "
+                f"and leaves DPO's target on the pairs the reference gets right, where {floor} would also raise "
+                f"{aligned_floor_fraction:.0%} of the targets."
+            )
+        else:
+            text = (
+                f"Use E-CPOC: {start} E-CPOC floors the target at ecpoc_gamma (for ecpoc_alpha <= 1), whatever the "
+                f"reference's confidence: at ecpoc_gamma={ecpoc['ecpoc_gamma']:g} it lifts "
+                f"{ecpoc['lifted_fraction']:.0%} of them (ECPOCTrainer{', as configured' if method == ECPOC.name else ''}"
+                f"). HyPO (--method hypo) is the same with the floor at 0; here {floor} raises only "
+                f"{aligned_floor_fraction:.0%} of the targets of the pairs the reference gets right."
+            )
     caveat = ""
     if num_misaligned:
         share = confident["misaligned_confident_fraction"]
@@ -280,6 +317,8 @@ def analyze(reference, config, method: str, report) -> dict[str, object]:
         else None
     )
     ecpoc = ECPOC.effects_at(pairs, config.beta, ecpoc_fields)
+    hypo = HYPO.effects_at(pairs, config.beta, HYPO.pinned)  # its fixed settings, whatever the config's
+    aligned = delta >= 0
     verdict = recommend(
         num_pairs=delta.numel(),
         num_misaligned=int((delta < 0).sum()),
@@ -294,6 +333,8 @@ def analyze(reference, config, method: str, report) -> dict[str, object]:
         confident=confident,
         method=method,
         cpo_gamma_is_configured=hasattr(config, "cpo_gamma"),
+        no_signal_fraction=_share(delta.abs() <= NO_SIGNAL_ATOL),
+        aligned_floor_fraction=_share(delta[aligned] < ecpoc_fields["ecpoc_gamma"]),
     )
     return {
         "loss_space": "per_token" if length_normalized else "summed",
@@ -305,12 +346,14 @@ def analyze(reference, config, method: str, report) -> dict[str, object]:
         "cpo": {**cpo_fields, **cpo},
         "cpo_at_recommended_gamma": cpo_at_recommended,
         "ecpoc": {**ecpoc_fields, **ecpoc},
+        "hypo": {**HYPO.pinned, **hypo},
         "verdict": verdict,
         "per_pair": {
             "delta_ref_summed": summed,
             "delta_ref_per_token": per_token,
             "misaligned": delta < 0,
             "confident_misaligned": confident_mask,
+            "target": METHODS[method].target_from_config(reference, config),
             "cpo_target": CPO.target_from_config(reference, config),
             "ecpoc_target": ECPOC.target_from_config(reference, config),
         },

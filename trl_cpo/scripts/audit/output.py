@@ -11,7 +11,7 @@ meaning bumps it.
 - the inputs: `method`, `model_name_or_path`, `dataset_name`, `dataset_train_split`, `loss_type`, `beta`,
   `max_length`, `truncation_mode`, `method_settings`, pair counts, `num_processes`;
 - the audit's own numbers: `spaces`, `sign_crosstab`, `sign_differs_fraction`, `misaligned_in_one_space_fraction`,
-  `length_buckets`, `confident`, `cpo`, `cpo_at_recommended_gamma`, `ecpoc`, `verdict`, `verdict_text`,
+  `length_buckets`, `confident`, `cpo`, `cpo_at_recommended_gamma`, `ecpoc`, `hypo`, `verdict`, `verdict_text`,
   `verdict_caveat`;
 - the reference log-probs file: `reference_logps_file`, `fingerprint`.
 """
@@ -23,6 +23,8 @@ import math
 import os
 import textwrap
 
+from trl_cpo.diagnostics import pair_columns
+from trl_cpo.logps import is_length_normalized
 from trl_cpo.report import ReferenceReport
 
 from .args import PAIRS_FILE, REPORT_FILE, AuditSettings
@@ -86,7 +88,7 @@ def report_json(settings: AuditSettings, scored, report: ReferenceReport, number
     verdict = numbers["verdict"]
     payload.update({k: numbers[k] for k in ("spaces", "sign_crosstab", "sign_differs_fraction")})
     payload.update({k: numbers[k] for k in ("misaligned_in_one_space_fraction", "length_buckets", "confident")})
-    payload.update({k: numbers[k] for k in ("cpo", "cpo_at_recommended_gamma", "ecpoc")})
+    payload.update({k: numbers[k] for k in ("cpo", "cpo_at_recommended_gamma", "ecpoc", "hypo")})
     payload.update(verdict=verdict.branch, verdict_text=verdict.text, verdict_caveat=verdict.caveat)
     payload.update(
         reference_logps_file=os.path.abspath(settings.reference_file), fingerprint=scored.fingerprint.to_dict()
@@ -95,16 +97,21 @@ def report_json(settings: AuditSettings, scored, report: ReferenceReport, number
 
 
 def pair_rows(scored, numbers: dict) -> list[dict]:
-    """One dict per scored pair: input row, summed log-probs, token counts, delta_ref in both spaces, flags, targets."""
-    reference, per_pair = scored.reference, numbers["per_pair"]
-    columns = {
-        "row": scored.rows,
-        "chosen_logp": reference.chosen.tolist(),
-        "rejected_logp": reference.rejected.tolist(),
-        "chosen_tokens": reference.chosen_lengths.long().tolist(),
-        "rejected_tokens": reference.rejected_lengths.long().tolist(),
-        **{name: values.tolist() for name, values in per_pair.items()},
-    }
+    """One dict per scored pair: the columns training's per-pair files have (`trl_cpo.diagnostics.PAIR_COLUMNS`; the
+    policy's are null, nothing has trained yet), then the audit's own: `confident_misaligned`, `cpo_target`,
+    `ecpoc_target`."""
+    reference, per_pair, config = scored.reference, numbers["per_pair"], scored.config
+    columns = pair_columns(
+        scored.rows,
+        reference.chosen,
+        reference.rejected,
+        reference.chosen_lengths,
+        reference.rejected_lengths,
+        length_normalized=is_length_normalized(config.loss_type),
+        target=per_pair["target"],
+        beta=config.beta,
+    )
+    columns.update({name: per_pair[name].tolist() for name in ("confident_misaligned", "cpo_target", "ecpoc_target")})
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
@@ -174,7 +181,7 @@ def format_tables(payload: dict) -> str:
             f"  {tokens:<16}{bucket['num_pairs']:>7}{_ci(bucket, 'misaligned_fraction_summed'):>26}"
             f"{_ci(bucket, 'misaligned_fraction_per_token'):>26}"
         )
-    cpo, ecpoc, confident = payload["cpo"], payload["ecpoc"], payload["confident"]
+    cpo, ecpoc, hypo, confident = payload["cpo"], payload["ecpoc"], payload["hypo"], payload["confident"]
     lines += [
         "",
         "What the methods do to the misaligned pairs (share lifted to a target >= 0, in the loss's space)",
@@ -191,6 +198,8 @@ def format_tables(payload: dict) -> str:
     lines += [
         f"  E-CPOC ecpoc_gamma={ecpoc['ecpoc_gamma']:g}: lifts {_pct(ecpoc['lifted_fraction'])}, floor binds on "
         f"{_pct(ecpoc['floor_binding_fraction'])} of pairs",
+        f"  HyPO (target max(delta_ref, 0)): lifts {_pct(hypo['lifted_fraction'])}, changes the target of "
+        f"{_pct(hypo['floor_binding_fraction'])} of pairs (those with delta_ref < 0)",
         f"  reference confident (|delta_ref| >= {confident['threshold']:.3g}, its {confident['quantile']:.0%} quantile) "
         f"on {_pct(confident['misaligned_confident_fraction'])} of the misaligned pairs",
         "",

@@ -11,7 +11,8 @@ def mean_or_none(values) -> float | None:
 
 
 def held_out_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> dict[str, float | None]:
-    """Preference accuracy, U-fraction and mean policy log-odds on held-out pairs (inputs in the loss's space).
+    """Preference (ranking) accuracy, DPO's reward accuracy, U-fraction and mean policy log-odds on held-out pairs
+    (inputs in the loss's space).
 
     The ``*_ref_misaligned`` entries restrict to the pairs the reference gets wrong (``delta_ref < 0``), the only ones
     that can lie in U; they are ``None`` when there are none.
@@ -23,6 +24,9 @@ def held_out_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -
     in_u = in_undesirable_space(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     return {
         "accuracy": mean_or_none(delta_pi > 0),
+        # DPO's reward accuracy, in the loss's space: the policy beats the reference's log-odds (a pair in U counts as
+        # right here). TRL's rewards/accuracies makes the same comparison on summed log-probs.
+        "reward_accuracy": mean_or_none(delta_pi > ref_chosen - ref_rejected),
         "u_fraction": round(u_fraction(policy_chosen, policy_rejected, ref_chosen, ref_rejected).item(), 6),
         "accuracy_ref_misaligned": mean_or_none(delta_pi[misaligned] > 0),
         "u_fraction_ref_misaligned": mean_or_none(in_u[misaligned]),

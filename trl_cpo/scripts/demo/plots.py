@@ -12,9 +12,10 @@ from typing import Any
 from .stats import t_interval
 
 COLORS = {"DPO": "tab:red", "CPO": "tab:blue", "CPO-auto": "tab:purple", "CPO-inverse_logp": "tab:orange"}
-COLORS["E-CPOC"] = "tab:green"
-#: Dashed / dotted where rows overlap (CPO and CPO-inverse_logp sit on DPO's curves at the released settings).
-LINESTYLES = {"DPO": "-", "CPO": "--", "CPO-auto": "-", "CPO-inverse_logp": ":", "E-CPOC": "-"}
+COLORS.update({"E-CPOC": "tab:green", "HyPO": "tab:brown"})
+#: Dashed / dotted where rows overlap (CPO and CPO-inverse_logp sit on DPO's curves at the released settings, HyPO near
+#: E-CPOC's).
+LINESTYLES = {"DPO": "-", "CPO": "--", "CPO-auto": "-", "CPO-inverse_logp": ":", "E-CPOC": "-", "HyPO": "--"}
 
 
 def _pyplot():

@@ -22,6 +22,7 @@ SCHEMA_VERSION = 2
 #: Per-row numbers summarised across seeds (keys of each row's "final" block).
 ROW_KEYS = (
     "accuracy",
+    "reward_accuracy",
     "u_fraction",
     "accuracy_ref_misaligned",
     "u_fraction_ref_misaligned",
@@ -56,7 +57,7 @@ def _summary(records: Sequence[dict | None], keys: Sequence[str]) -> dict[str, A
 
 def report_row(methods: Sequence[str]) -> str | None:
     """The row whose trainer's reference report the table shows: CPO at the default gamma when it runs."""
-    for name in ("CPO", "CPO-inverse_logp", "CPO-auto", "E-CPOC"):
+    for name in ("CPO", "CPO-inverse_logp", "CPO-auto", "E-CPOC", "HyPO"):
         if name in methods:
             return name
     return None
@@ -232,7 +233,7 @@ def new_output(args, configs: dict[str, Any]) -> dict[str, Any]:
     """The skeleton of results.json, before any result."""
     return {
         "schema_version": SCHEMA_VERSION,
-        "description": "trl-cpo demo: DPO vs CPO (default, recommended and inverse_logp cpo_gamma) vs E-CPOC from a "
+        "description": "trl-cpo demo: DPO vs CPO (default, recommended and inverse_logp cpo_gamma) vs E-CPOC vs HyPO from a "
         "reference corrupted on a share of the pairs (arXiv:2605.20834, misaligned-reference experiment), synthetic "
         "task, tiny Llama on CPU, several seeds.",
         "complete": False,

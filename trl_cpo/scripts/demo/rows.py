@@ -44,6 +44,10 @@ ROWS: dict[str, Row] = {
         {"cpo_margin_type": "inverse_logp"},
     ),
     "E-CPOC": Row("ecpoc", "ECPOCTrainer at --ecpoc_gamma / --ecpoc_tau / --ecpoc_alpha"),
+    "HyPO": Row(
+        "hypo",
+        "HyPOTrainer: target max(delta_ref, 0), E-CPOC's hard limit and the released code's default ('clip')",
+    ),
 }
 
 

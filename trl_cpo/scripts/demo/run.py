@@ -349,7 +349,8 @@ def _config_path(argv: Sequence[str] | None) -> str | None:
 
 DESCRIPTION = (
     "Train DPO (TRL's DPOTrainer), CPO at the default and at the recommended cpo_gamma, CPO with the released "
-    "inverse_logp numerics, and E-CPOC on a tiny model on CPU, from a reference that prefers the rejected response on "
+    "inverse_logp numerics, E-CPOC and HyPO (E-CPOC's hard limit, the released code's default) on a tiny model on "
+    "CPU, from a reference that prefers the rejected response on "
     "a share of the pairs; measure over several seeds how many held-out pairs each leaves in the undesirable space U "
     "(delta_ref < delta_pi < 0), next to the optimum each loss predicts. The misaligned-reference experiment of "
     "arXiv:2605.20834 at small scale, offline. CPO here is Constrained Preference Optimization, not TRL's "
