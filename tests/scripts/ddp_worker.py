@@ -67,6 +67,8 @@ def _config(spec, method, phase, world_size, out_dir):
         max_length=64,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # The recording collator counts training batches: no end-of-training pass for the per-pair files.
+        pair_diagnostics="no",
     )
     if phase == "A":
         steps = n // global_batch
