@@ -141,7 +141,7 @@ def test_no_preference_signal_is_said_not_a_method(tmp_path):
     assert analysis.BRANCHES[0] == "no_signal"
 
 
-def test_the_audit_says_so_on_identical_pairs(tmp_path, capsys):
+def test_the_audit_refuses_identical_pairs_in_one_line(tmp_path, capsys):
     import json
 
     from trl_cpo.scripts import audit
@@ -154,6 +154,9 @@ def test_the_audit_says_so_on_identical_pairs(tmp_path, capsys):
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
     argv = ["--model_name_or_path", tmp_path / "model", "--dataset_name", tmp_path / "pairs.jsonl"]
     argv += ["--output_dir", tmp_path / "audit", "--use_cpu", "true", "--bf16", "false"]
-    assert audit.main([str(a) for a in argv]) == 0
-    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
-    assert report["verdict"] == "no_signal" and "Verdict (no_signal): No preference signal" in capsys.readouterr().out
+    # All pairs identical: the shared validator refuses them before the model loads (issue 18), a one-line error; a
+    # set with some signal too small to matter gets the "no_signal" verdict (the test above).
+    assert audit.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "identical" in err
+    assert not (tmp_path / "audit" / "audit.json").exists()

@@ -193,6 +193,12 @@ class DiagnosticsCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.pairs == "no":
             return
+        if getattr(self.trainer, "is_fsdp_enabled", False):
+            # The pass's forwards would leave FSDP2's root parameters unsharded after training: not written there.
+            logging.getLogger(__name__).warning(
+                "pair_diagnostics: per-pair files are not written under FSDP (set pair_diagnostics='no')."
+            )
+            return
         for split, dataset in self._splits(train=True).items():
             self.final[split] = diagnostics.summary(self.write_split(split, dataset))
 
