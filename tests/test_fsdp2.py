@@ -22,13 +22,7 @@ the same global batch (2 x 4 vs 1 x 8 pairs) and the same data order, so FSDP2 m
 the trained weights up to float32 round-off. Mixed precision is off: bf16 FSDP2 (`MixedPrecisionPolicy`) differs from
 bf16 autocast from the first step, and the yaml's `mixed_precision: bf16` is a GPU setting; it is not tested here.
 
-Flakiness loop (issue 15), 2026-12-06, on the 2-core CPU container, under load (the full suite and other jobs running
-beside it, load average 2.9 to 4.9): `for i in $(seq 20); do python -m pytest -q -x
-tests/test_callbacks.py::test_gathers_over_two_processes
-tests/test_live_reference.py::test_two_process_ddp_trains_a_streamed_dataset_live tests/test_distributed_exit.py
-tests/test_precompute_order.py::test_two_processes_uneven_batches tests/test_fsdp2.py; done` (23 tests, 6 torchrun
-launches an iteration): 10 iterations run (stopped for time), 10 passed, 0 failed. Not in that loop: tests/test_distributed.py,
-tests/test_recipes.py's torchrun tests and tests/test_resume.py's kill test, which passed in each full-suite run.
+Flakiness loop (issue 15): see tests/conftest.py.
 """
 
 from __future__ import annotations

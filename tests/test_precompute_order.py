@@ -5,13 +5,7 @@ batches in that order and scatters the gathered rows back. The result must equal
 float round-off (different padding), in one process and under two real processes with a batch count that does not
 divide evenly between the ranks.
 
-Flakiness loop (issue 15), 2026-12-06, on the 2-core CPU container, under load (the full suite and other jobs running
-beside it, load average 2.9 to 4.9): `for i in $(seq 20); do python -m pytest -q -x
-tests/test_callbacks.py::test_gathers_over_two_processes
-tests/test_live_reference.py::test_two_process_ddp_trains_a_streamed_dataset_live tests/test_distributed_exit.py
-tests/test_precompute_order.py::test_two_processes_uneven_batches tests/test_fsdp2.py; done` (23 tests, 6 torchrun
-launches an iteration): 10 iterations run (stopped for time), 10 passed, 0 failed. Not in that loop: tests/test_distributed.py,
-tests/test_recipes.py's torchrun tests and tests/test_resume.py's kill test, which passed in each full-suite run.
+Flakiness loop (issue 15): see tests/conftest.py.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from trl_cpo import _trl_compat
+import trl_cpo._trl_compat as _trl_compat
 from trl_cpo.dataset_loading import drop_redundant_prompt, load_datasets, load_preference_dataset, split
 from trl_cpo.methods import METHODS as METHOD_TABLE
 from trl_cpo.methods import DPOBaselineConfig, DPOBaselineTrainer, Method

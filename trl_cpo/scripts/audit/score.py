@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trl_cpo import _trl_compat
+import trl_cpo._trl_compat as _trl_compat
 from trl_cpo.fingerprint import ReferenceFingerprint, reference_fingerprint
 from trl_cpo.pair_checks import PreferenceDataError
 from trl_cpo.reference import ReferenceLogps
