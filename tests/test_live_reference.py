@@ -70,6 +70,7 @@ def test_live_loss_is_the_cpo_loss_by_hand_with_one_reference_forward_per_step(t
         cpo_gamma=0.3,
         cpo_max_margin=50.0,
         precompute_ref_log_probs=False,
+        pair_diagnostics="no",  # the per-pair file's pass at the end runs the live reference once more
     )
     trainer = CPOTrainer(
         policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
