@@ -68,6 +68,11 @@ def resume_time():
     return _smoke("resume_time.py")
 
 
+@pytest.fixture(scope="module")
+def diagnostics_cost():
+    return _smoke("diagnostics_cost.py")
+
+
 def ratio(text: str, label: str) -> float:
     """The number after `label` on its line; it must be finite and positive."""
     match = re.search(rf"{re.escape(label)}\s*({NUMBER})", text)
@@ -140,6 +145,16 @@ def test_resume_time_smoke(resume_time):
     ratio(out, "resume time, no pass / one pass:")
 
 
+def test_diagnostics_cost_smoke(diagnostics_cost):
+    out = diagnostics_cost.stdout
+    assert_labelled(out)
+    assert "smoke run (not a measurement): device: CPU" in out and "alternating" in out
+    ratio(out, "CPOTrainer step time, with / without the new diagnostics:")
+    ratio(out, "DPOTrainer step time, with / without DiagnosticsCallback:")
+    for trainer in ("cpo", "dpo"):
+        assert re.search(rf"{trainer}: added time in the diagnostics' code / step time: {NUMBER}$", out, re.M)
+
+
 def test_gpu_suite_smoke(gpu_suite_smoke):
     proc, _ = gpu_suite_smoke
     assert proc.returncode == 0, f"suite failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -152,7 +167,16 @@ def test_gpu_suite_smoke(gpu_suite_smoke):
 
 
 @pytest.mark.parametrize(
-    "script", ["step_time", "precompute_time", "one_pass_time", "sweep_reference_time", "resume_time", "gpu_suite"]
+    "script",
+    [
+        "step_time",
+        "precompute_time",
+        "one_pass_time",
+        "sweep_reference_time",
+        "resume_time",
+        "diagnostics_cost",
+        "gpu_suite",
+    ],
 )
 def test_no_bitsandbytes_probe_noise(script, request, monkeypatch):
     fixture = request.getfixturevalue("gpu_suite_smoke" if script == "gpu_suite" else script)
@@ -171,7 +195,7 @@ def test_no_bitsandbytes_probe_noise(script, request, monkeypatch):
 
 
 def test_smoke_runs_write_nothing_under_results(
-    step_time, precompute_time, one_pass_time, sweep_reference_time, resume_time, gpu_suite_smoke
+    step_time, precompute_time, one_pass_time, sweep_reference_time, resume_time, diagnostics_cost, gpu_suite_smoke
 ):
     assert sorted((p.name, p.stat().st_mtime_ns) for p in RESULTS.iterdir()) == RESULTS_BEFORE
 

@@ -59,6 +59,13 @@ def test_readme_swap_snippet_is_run():
     assert "trainer.train()" in code
 
 
+def test_readme_is_a_front_door():
+    """At most 1,200 words (as `wc -w` counts them), and the runnable swap comes before the set-up commands."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.split()) <= 1200, f"README.md has {len(text.split())} words; move depth into docs/"
+    assert text.index("```python") < text.index("## Set up")
+
+
 @pytest.mark.parametrize("code", RUNNABLE)
 def test_doc_block_runs(code, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -16,6 +16,9 @@ DPO baseline on identical settings:
 - `dpo`   -> the CPO trainer at `cpo_gamma=0` (`DPOBaselineTrainer`, `DPOBaselineConfig`), which is exactly DPO's loss
              with the same `--beta`, the same `--loss_type` log-prob space and the same reference, and logs the same
              U-space diagnostics.
+- `hypo`  -> HyPO (Yuan et al., ICLR 2026, arXiv:2602.11902; the released CPO code's default `clip` variant): the E-CPOC
+             trainer at `ecpoc_gamma=0, ecpoc_tau=inf, ecpoc_alpha=1` (`HyPOTrainer`, `HyPOConfig`), target
+             `max(delta_ref, 0)`.
 
 Settings of a method other than `--method`'s are ignored (with a warning), so one config can carry both methods'
 settings (`trl_cpo.scripts._method_args`).
@@ -128,7 +131,7 @@ def make_parser(method: Method | str = CPOScriptArguments.method, other_settings
     return TrlParser(
         (CPOScriptArguments, method.config_class, ModelConfig, DatasetMixtureConfig, *other_settings),
         prog=prog,
-        description="Train with CPO, E-CPOC or the DPO baseline (--method) on TRL's DPOTrainer.",
+        description="Train with CPO, E-CPOC, HyPO or the DPO baseline (--method) on TRL's DPOTrainer.",
         epilog="Every option can also be set in a YAML file passed as --config FILE.yaml (its keys are the option "
         "names without dashes); options given on the command line override the file.",
     )
