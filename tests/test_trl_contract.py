@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import trl
 from datasets import Dataset
 from helpers import REPO, cpu_args, free_port, make_pairs, subprocess_env
+from huggingface_hub import ModelCard
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
@@ -463,12 +464,19 @@ def test_model_card_tags_and_the_calls_that_write_it(tokenizer, tmp_path):
         assert paper["citation"].lstrip().startswith("@")
 
 
-def test_tracker_urls_are_none_without_a_run():
-    with contract("tracker_urls"):
-        from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url
-
-        assert get_trackio_space_url() is None and get_comet_experiment_url() is None
-        assert compat.tracker_urls() == {}
+def test_trl_model_card_has_the_lines_the_card_extends(tokenizer, tmp_path):
+    with contract("model_card_template"):
+        trainer = dpo_trainer(tokenizer, tmp_path)  # DPOTrainer's own create_model_card, with a method's attributes
+        trainer._tag_names, trainer._name, trainer._paper = CardTrainer._tag_names, "X", CardTrainer._paper
+        trainer.create_model_card(model_name="tiny", dataset_name="org/pairs", tags=["t"])
+        text = (tmp_path / "README.md").read_text(encoding="utf-8")
+        assert len(compat.TRL_CARD_OPENING.findall(text)) == 1, text[:600]
+        assert "[org/pairs](https://huggingface.co/datasets/org/pairs)" in compat.TRL_CARD_OPENING.search(text)[0]
+        assert compat.TRL_CARD_QUICK_START_MODEL.format("None") in text  # no hub_model_id before a push
+        assert text.count(compat.TRL_CARD_FRAMEWORK_VERSIONS) == 1 and text.count(compat.TRL_CARD_TRL_CITATION) == 1
+        assert text.index(compat.TRL_CARD_FRAMEWORK_VERSIONS) < text.index(compat.TRL_CARD_TRL_CITATION)
+        assert f"\n{compat.TRL_CARD_BOGUS_LICENSE_KEY}: license\n" in text
+        assert {"t", "contract-tag"} <= set(ModelCard(text).data.tags)
 
 
 def test_save_model_internal_call_does_not_push(tokenizer, tmp_path):

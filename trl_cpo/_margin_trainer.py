@@ -14,6 +14,7 @@ metrics, is recomputed with DPO's meaning.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -336,7 +337,7 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
     def create_model_card(
         self, model_name=None, dataset_name=None, tags=None, *, base_model_id: str | None = None, license=None
     ):
-        """Write the model card to `output_dir/README.md` (`trl_cpo.model_card.build_model_card`).
+        """Write TRL's model card to `output_dir/README.md`, extended with the method (`trl_cpo.model_card`).
 
         `dataset_name` is a name or a list of names; only Hub ids are linked. `base_model_id` names the Hub model a
         local base was downloaded from, and `license` sets the card's license (else the base model's own card's).
@@ -345,4 +346,9 @@ class _ReferenceMarginTrainer(ReferencePrecompute, DPOTrainer):
         given = dict(
             model_name=model_name, dataset_name=dataset_name, tags=tags, base_model_id=base_model_id, license=license
         )
-        write_model_card(self, **{**self.model_card_kwargs, **{k: v for k, v in given.items() if v is not None}})
+        card_kwargs = {**self.model_card_kwargs, **{k: v for k, v in given.items() if v is not None}}
+        if not self.is_world_process_zero():
+            return
+        model_name = card_kwargs.pop("model_name", None) or Path(self.args.output_dir).name
+        super().create_model_card(model_name=model_name, tags=card_kwargs.pop("tags", None))  # TRL's card
+        write_model_card(self, model_name=model_name, **card_kwargs)

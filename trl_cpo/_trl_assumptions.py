@@ -197,8 +197,8 @@ ASSUMPTIONS: dict[str, Assumption] = {
                 "trl_cpo.cpo_trainer.CPOTrainer",
                 "trl_cpo.ecpoc_trainer.ECPOCTrainer",
                 "trl_cpo._margin_trainer._ReferenceMarginTrainer.create_model_card",
-                "trl_cpo.model_card.build_model_card",
-                "trl_cpo.scripts.train.DPOBaselineTrainer",
+                "trl_cpo.model_card.extend_model_card",
+                "trl_cpo.methods.METHODS",
             ),
             f"{_DPO}:DPOTrainer._save_checkpoint",
         ),
@@ -207,16 +207,21 @@ ASSUMPTIONS: dict[str, Assumption] = {
             "trl.trainer.utils.get_config_model_id(config) is the model's name or path (config._name_or_path)",
             (
                 "trl_cpo._margin_trainer._ReferenceMarginTrainer._resolve_args",
-                "trl_cpo.model_card.build_model_card",
+                "trl_cpo.model_card.extend_model_card",
             ),
             "trl.trainer.utils:get_config_model_id",
         ),
         Assumption(
-            "tracker_urls",
-            "trl.trainer.utils.get_trackio_space_url() and get_comet_experiment_url() take no argument and return the "
-            "run's URL, or None when there is no such run",
-            ("trl_cpo.model_card.build_model_card",),
-            "trl.trainer.utils:get_trackio_space_url",
+            "model_card_template",
+            "DPOTrainer.create_model_card(model_name, dataset_name, tags) writes output_dir/README.md from TRL's "
+            "lm_model_card.md: an opening 'This model is a fine-tuned version of ...' line and an 'It has been trained "
+            "using [TRL](...)' line, model=\"<hub_model_id>\" in the quick start, '### Framework versions', 'Cite TRL "
+            "as:', and a misspelled 'licence' metadata key",
+            (
+                "trl_cpo._margin_trainer._ReferenceMarginTrainer.create_model_card",
+                "trl_cpo.model_card.extend_model_card",
+            ),
+            "trl.trainer.base_trainer:_BaseTrainer.create_model_card",
         ),
         Assumption(
             "save_without_push",

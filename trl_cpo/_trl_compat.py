@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -196,15 +197,18 @@ def get_config_model_id(config) -> str:
     return model_id(config)
 
 
-def tracker_urls() -> dict[str, str]:
-    """Links to the run's Trackio space and Comet experiment, where there are ones, as TRL's model card finds them.
-
-    `trl.trainer.utils.get_trackio_space_url()` and `get_comet_experiment_url()`: a URL, or None without a run.
-    """
-    from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url
-
-    urls = {"Trackio": get_trackio_space_url(), "Comet experiment": get_comet_experiment_url()}
-    return {name: url for name, url in urls.items() if url is not None}
+#: The lines of TRL's model card (`trl/templates/lm_model_card.md`, rendered by `DPOTrainer.create_model_card`) that
+#: `trl_cpo.model_card.extend_model_card` replaces or writes next to: the opening that names the base model and data,
+#: the quick start's model id (`hub_model_id`, "None" before a push names one), the framework versions' heading, the
+#: line before TRL's citation, and the metadata key TRL misspells (`licence: license`).
+TRL_CARD_OPENING = re.compile(
+    r"^This model is a fine-tuned version of .*\n^It has been trained using \[TRL\]\(https://github\.com/huggingface/trl\)\.\n",
+    re.MULTILINE,
+)
+TRL_CARD_QUICK_START_MODEL = 'model="{}"'
+TRL_CARD_FRAMEWORK_VERSIONS = "### Framework versions\n\n"
+TRL_CARD_TRL_CITATION = "Cite TRL as:"
+TRL_CARD_BOGUS_LICENSE_KEY = "licence"
 
 
 def save_model_without_push(trainer, output_dir: str | None = None) -> None:

@@ -1,15 +1,21 @@
 """The model card the trainers write (`create_model_card`, and `push_to_hub` through it), and the Hub dry run.
 
-The card is ready for the Hub:
+The card is TRL's: `DPOTrainer.create_model_card` renders TRL's template (quick start, tracker badges, framework
+versions, the method's citation and TRL's), and `extend_model_card` adds to it what TRL's card cannot say:
 
+- the "Training procedure" gets the method's section: what it is, its settings, the reference report computed at the
+  precompute, the first and last `u_fraction` the run logged, and the diagnostics at the end of training
+  (`trl_cpo.diagnostics.card_section`); "Framework versions" names trl-cpo's (and PEFT's) version;
 - `base_model:` metadata and a link only when the base is a Hub id: the model's own `_name_or_path` when it is one, or
   the `base_model_id` the user names for a model loaded from a local folder. A local base without one is said to be
-  local, without a link.
-- `datasets:` metadata and links only for names that are Hub ids; a local file or folder is named, not linked.
+  local, without a link (TRL's card would link `huggingface.co/None`);
+- `datasets:` metadata and links only for names that are Hub ids; a local file or folder is named, not linked;
 - `license:` from the `license` argument, else from the base model's own card (its README.md in the local folder or,
-  for a Hub id, fetched from the Hub unless `HF_HUB_OFFLINE` is set), else left out.
-- "Training procedure": the method, its settings, the reference report computed at the precompute, the first and
-  last `u_fraction` the run logged, and the diagnostics at the end of training (`trl_cpo.diagnostics.card_section`). "Framework versions" names trl-cpo's version next to TRL's.
+  for a Hub id, fetched from the Hub unless `HF_HUB_OFFLINE` is set), else left out (TRL's card writes a bogus
+  `licence: license` key, removed); `library_name: peft` for an adapter.
+
+The lines of TRL's card this relies on are `trl_cpo._trl_compat.TRL_CARD_*` (contract-tested); where one is missing
+(a TRL whose template changed), the section is appended at the end instead and a warning says so.
 
 `write_hub_dry_run` writes the folder `push_to_hub` would upload, without a network.
 """
@@ -37,15 +43,6 @@ CITATION = textwrap.dedent("""\
         eprint    = {2605.20834},
         archivePrefix = {arXiv},
     }""")
-TRL_CITATION = textwrap.dedent("""\
-    @software{vonwerra2020trl,
-        title   = {{TRL: Transformers Reinforcement Learning}},
-        author  = {von Werra, Leandro and Belkada, Younes and Tunstall, Lewis and Beeching, Edward and Thrush, Tristan and Lambert, Nathan and Huang, Shengyi and Rasul, Kashif and Gallouédec, Quentin},
-        license = {Apache-2.0},
-        url     = {https://github.com/huggingface/trl},
-        year    = {2020}
-    }""")
-
 NAMING_NOTE = (
     "CPO here is *Constrained* Preference Optimization (arXiv:2605.20834), not TRL's Contrastive Preference "
     "Optimization (Xu et al. 2024, `trl.experimental.cpo`), which shares the acronym but is a different algorithm."
@@ -169,7 +166,8 @@ def u_fraction_summary(log_history: list[dict]) -> str:
 
 
 def training_procedure(trainer, *, base_model: str, datasets: list[str]) -> str:
-    """The "Training procedure" section: method, settings, reference report and u_fraction."""
+    """The method's part of the card's "Training procedure": method, settings, reference report, u_fraction and the
+    diagnostics."""
     method = trainer.method
     description = getattr(trainer, "_card_description", None) or (
         f"Trained with trl-cpo's {method.title} trainer, from [{PAPER_TITLE}](https://arxiv.org/abs/{PAPER_ID}) "
@@ -182,9 +180,7 @@ def training_procedure(trainer, *, base_model: str, datasets: list[str]) -> str:
         if report is None
         else f"\n### Reference report (train set, before the first step)\n\n```text\n{report.format_table()}\n```\n"
     )
-    return f"""## Training procedure
-
-### Method: {trainer._name}
+    return f"""### Method: {trainer._name}
 
 {description}
 
@@ -216,113 +212,80 @@ def _diagnostics(trainer) -> str:
     return card_section(trainer.state.log_history, getattr(callback, "final", {}))
 
 
-def _framework_versions() -> str:
+def _versions() -> str:
+    """The lines "Framework versions" gets next to TRL's: trl-cpo's, and PEFT's when installed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    __version__ = version("trl-cpo")
-
-    lines = [f"- trl-cpo: {__version__}"]
-    for name, package in (
-        ("TRL", "trl"),
-        ("Transformers", "transformers"),
-        ("PyTorch", "torch"),
-        ("Datasets", "datasets"),
-        ("Tokenizers", "tokenizers"),
-        ("PEFT", "peft"),
-    ):
-        try:
-            lines.append(f"- {name}: {version(package)}")
-        except PackageNotFoundError:
-            pass
-    return "\n".join(lines)
+    lines = [f"- trl-cpo: {version('trl-cpo')}"]
+    try:
+        lines.append(f"- PEFT: {version('peft')}")
+    except PackageNotFoundError:
+        pass
+    return "\n".join(lines) + "\n"
 
 
-def _tracker_links() -> str:
-    from transformers import is_wandb_available
-
-    links = []
-    if is_wandb_available():
-        import wandb
-
-        if wandb.run is not None:
-            links.append(f"[Weights & Biases run]({wandb.run.url})")
-    links += [f"[{name}]({url})" for name, url in _trl_compat.tracker_urls().items()]
-    return f"Logs: {', '.join(links)}.\n\n" if links else ""
+def _insert(text: str, anchor: str, addition: str, *, before: bool, what: str) -> str:
+    """`addition` next to the first `anchor` in TRL's card text; at the end, with a warning, when TRL's card changed."""
+    at = text.find(anchor)
+    if at < 0:
+        logger.warning("TRL's model card has no %r (its template changed): %s appended at the end.", anchor, what)
+        return f"{text.rstrip()}\n\n{addition}"
+    at = at if before else at + len(anchor)
+    return text[:at] + addition + text[at:]
 
 
-def build_model_card(
+def extend_model_card(
     trainer,
+    text: str,
     *,
-    model_name: str | None = None,
+    model_name: str,
     dataset_name: str | list[str] | None = None,
-    tags: str | list[str] | None = None,
     base_model_id: str | None = None,
     license: str | None = None,
 ):
-    """The `huggingface_hub.ModelCard` of a trl-cpo trainer (see the module docstring for what it holds)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    """TRL's card (`text`, as `DPOTrainer.create_model_card` wrote it) with trl-cpo's method section, versions and
+    citation added and its metadata made Hub-ready (see the module docstring); a `huggingface_hub.ModelCard`."""
+    from huggingface_hub import ModelCard
 
     name_or_path = _trl_compat.get_config_model_id(trainer.model.config)
     base_hub_id, base_model = resolve_base_model(name_or_path, base_model_id)
     dataset_ids, datasets = resolve_datasets(dataset_name)
-    license = license or base_model_license(name_or_path, base_hub_id)
-    tags = [tags] if isinstance(tags, str) else list(tags or [])
-    tags = list(dict.fromkeys(["generated_from_trainer", *tags, *trainer._tag_names]))
-    model_name = model_name or Path(trainer.args.output_dir).name
     is_adapter = hasattr(trainer.model, "peft_config")
-    data = ModelCardData(
-        base_model=base_hub_id,
-        datasets=dataset_ids or None,
-        library_name="peft" if is_adapter else "transformers",
-        license=license,
-        model_name=model_name,
-        tags=tags,
-    )
+
+    card = ModelCard(text)
+    card.data.pop(_trl_compat.TRL_CARD_BOGUS_LICENSE_KEY, None)
+    card.data.base_model = base_hub_id
+    card.data.datasets = dataset_ids or None
+    card.data.license = license or base_model_license(name_or_path, base_hub_id)
+    card.data.library_name = "peft" if is_adapter else "transformers"
+
+    body = card.text
     on_data = f" on {' and '.join(datasets)}" if datasets else ""
-    citations = [(trainer._name, trainer._paper.get("citation"))]
-    if trainer._paper.get("id") != PAPER_ID:  # the DPO baseline cites DPO, and the comparison's paper
-        citations.append(("CPO / E-CPOC", CITATION))
-    cite = "\n\n".join(f"Cite {name} as:\n\n```bibtex\n{text}\n```" for name, text in citations if text)
-    body = f"""
-# Model Card for {model_name}
-
-This model{" (a PEFT adapter)" if is_adapter else ""} is a fine-tuned version of {base_model}{on_data}.
-It has been trained with trl-cpo, on [TRL](https://github.com/huggingface/trl).
-
-## Quick start
-
-```python
-from transformers import pipeline
-
-generator = pipeline("text-generation", model="{trainer.hub_model_id or model_name}", device_map="auto")
-output = generator([{{"role": "user", "content": "Hello!"}}], max_new_tokens=128, return_full_text=False)[0]
-print(output["generated_text"])
-```
-
-{_tracker_links()}{training_procedure(trainer, base_model=base_model, datasets=datasets)}
-### Framework versions
-
-{_framework_versions()}
-
-## Citations
-
-{cite}
-
-Cite TRL as:
-
-```bibtex
-{TRL_CITATION}
-```
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    opening = (
+        f"This model{' (a PEFT adapter)' if is_adapter else ''} is a fine-tuned version of {base_model}{on_data}.\n"
+        "It has been trained with trl-cpo, on [TRL](https://github.com/huggingface/trl).\n"
+    )
+    body, found = _trl_compat.TRL_CARD_OPENING.subn(lambda _: opening, body, count=1)
+    if not found:
+        body = _insert(body, _trl_compat.TRL_CARD_FRAMEWORK_VERSIONS, opening + "\n", before=True, what="the origin")
+    hub_model_id = trainer.hub_model_id or model_name
+    body = body.replace(_trl_compat.TRL_CARD_QUICK_START_MODEL.format("None"), f'model="{hub_model_id}"')
+    method = training_procedure(trainer, base_model=base_model, datasets=datasets)
+    body = _insert(body, _trl_compat.TRL_CARD_FRAMEWORK_VERSIONS, method + "\n", before=True, what="the method")
+    body = _insert(body, _trl_compat.TRL_CARD_FRAMEWORK_VERSIONS, _versions(), before=False, what="the versions")
+    if trainer._paper.get("id") != PAPER_ID:  # the DPO baseline and HyPO cite their paper, and the comparison's
+        cite = f"Cite CPO / E-CPOC as:\n\n```bibtex\n{CITATION}\n```\n\n"
+        body = _insert(body, _trl_compat.TRL_CARD_TRL_CITATION, cite, before=True, what="the CPO citation")
+    card.text = body
+    return card
 
 
-def write_model_card(trainer, **card_kwargs) -> str | None:
-    """Write `build_model_card(trainer, **card_kwargs)` to `output_dir/README.md` on the main process; its path."""
-    if not trainer.is_world_process_zero():
-        return None
+def write_model_card(trainer, *, model_name: str, **card_kwargs) -> str:
+    """Extend the card TRL just wrote to `output_dir/README.md` (`extend_model_card`) in place; its path."""
     path = os.path.join(trainer.args.output_dir, "README.md")
-    build_model_card(trainer, **card_kwargs).save(path)
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    extend_model_card(trainer, text, model_name=model_name, **card_kwargs).save(path)
     return path
 
 
