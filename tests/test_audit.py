@@ -229,6 +229,13 @@ def test_every_verdict_branch(tmp_path):
     assert raised["cpo"]["lifted_fraction"] == 0.0
     assert raised["cpo_at_recommended_gamma"]["lifted_fraction"] >= 0.9
     assert "cpo_gamma=0.2" in raised["verdict"].text and "cpo_auto_gamma=0.9" in raised["verdict"].text
+    assert "lifts only 0% of" in raised["verdict"].text
+    # Configured CPO lifts every pair, but only with its margins at the cap: the verdict says so, not "lifts only".
+    at_cap = verdict_of(large, tmp_path, cpo_gamma=5.0)
+    assert at_cap["cpo"]["lifted_fraction"] == 1.0 and at_cap["cpo"]["margin_at_cap_fraction"] == 1.0
+    assert at_cap["verdict"].branch == "cpo_recommended_gamma", at_cap["verdict"].text
+    assert "lifts 100% of" in at_cap["verdict"].text and "lifts only" not in at_cap["verdict"].text
+    assert "100% of margins at cpo_max_margin, where CPO is DPO plus a constant" in at_cap["verdict"].text
     # A cap of 1 logit cannot lift a pair that needs 2.5: no gamma does it.
     capped = verdict_of(large, tmp_path, cpo_gamma=0.05, cpo_max_margin=1.0)
     assert capped["verdict"].branch == "use_ecpoc" and "cpo_max_margin=1" in capped["verdict"].text

@@ -236,9 +236,16 @@ def recommend(
         and cpo_at_recommended["margin_at_cap_fraction"] <= MAX_AT_CAP_FRACTION
     ):
         branch = "cpo_recommended_gamma"
+        # Configured CPO falls short by lifting too few pairs, or by lifting them with margins at the cap.
+        shortfall = (
+            f"lifts only {lift:.0%} of {where} ({pct} of pairs)"
+            if lift < lift_share
+            else f"lifts {lift:.0%} of {where} ({pct} of pairs) but with {cap:.0%} of margins at cpo_max_margin, where "
+            "CPO is DPO plus a constant"
+        )
         text = (
-            f"CPO at {gamma_source} cpo_gamma={cpo['cpo_gamma']:.4g} lifts only {lift:.0%} of {where} ({pct} of "
-            f"pairs); cpo_gamma={recommended_cpo_gamma:.4g} lifts {lift_share:.0%} of them, with "
+            f"CPO at {gamma_source} cpo_gamma={cpo['cpo_gamma']:.4g} {shortfall}; cpo_gamma="
+            f"{recommended_cpo_gamma:.4g} lifts {lift_share:.0%} of them, with "
             f"{cpo_at_recommended['margin_at_cap_fraction']:.0%} of margins at cpo_max_margin: set "
             f"cpo_gamma={recommended_cpo_gamma:.4g} (or cpo_auto_gamma={lift_share:g})."
         )
