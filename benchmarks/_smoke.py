@@ -36,3 +36,22 @@ def refuse_results_dir(path: str | Path | None) -> None:
     """Exit if a smoke run was asked to write under benchmarks/results/ (it would pass for a measurement there)."""
     if path is not None and Path(path).resolve().is_relative_to(RESULTS):
         sys.exit(f"--smoke writes no measurement: not writing {path} under {RESULTS} (give a path elsewhere)")
+
+
+def run(args, measure, prefix: str) -> dict:
+    """A benchmark's main: the smoke start and closing banner where `args.smoke`, `measure(args, folder)` in a fresh
+    temporary folder with a reference store of its own (never the user's), and its result written to `args.json`."""
+    import json
+    import tempfile
+
+    if args.smoke:
+        start(args.json)
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        os.environ["TRL_CPO_REFERENCE_CACHE"] = os.path.join(work, "reference-store")
+        result = measure(args, work)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.smoke:
+        print(banner())
+    return result

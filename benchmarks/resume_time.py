@@ -22,17 +22,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import _smoke
-from _data import DEFAULT_DATA, load_pairs
+from _data import add_model_and_pairs_arguments, save_model_and_pairs
 
 import trl_cpo  # noqa: F401  (first: it quiets bitsandbytes' import-time kernel probe before transformers runs it)
 
@@ -42,13 +40,7 @@ SMOKE = dict(num_pairs=48, max_length=128, hidden_size=64, num_layers=2, vocab_s
 def _parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help=f"a smoke run, not a measurement: {SMOKE}")
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--num_pairs", type=int, default=256, help="records read (refused pairs skipped)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_length", type=int, default=512)
-    parser.add_argument("--hidden_size", type=int, default=256)
-    parser.add_argument("--num_layers", type=int, default=4)
-    parser.add_argument("--vocab_size", type=int, default=8192)
+    add_model_and_pairs_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the measurements here")
     if parser.parse_args(argv).smoke:
@@ -57,17 +49,7 @@ def _parse(argv=None):
 
 
 def main(argv=None):
-    args = _parse(argv)
-    if args.smoke:
-        _smoke.start(args.json)
-    with tempfile.TemporaryDirectory(prefix="resume-") as work:
-        result = measure(args, work)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.smoke:
-        print(_smoke.banner())
-    return result
+    return _smoke.run(_parse(argv), measure, prefix="resume-")
 
 
 def measure(args, work: str) -> dict:
@@ -76,13 +58,8 @@ def measure(args, work: str) -> dict:
 
     from trl_cpo import CPOConfig, CPOTrainer
     from trl_cpo.reference_store import REFERENCE_FILE
-    from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
 
-    loaded = load_pairs(args.data, args.num_pairs)
-    print(loaded.summary(), flush=True)
-    tokenizer = build_tiny_tokenizer([t for pair in loaded.pairs for t in pair.values()], vocab_size=args.vocab_size)
-    build_tiny_llama(tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers).save_pretrained(f"{work}/m")
-    tokenizer.save_pretrained(f"{work}/m")
+    loaded = save_model_and_pairs(args, f"{work}/m")
     tok = AutoTokenizer.from_pretrained(f"{work}/m")
     dataset = Dataset.from_list(loaded.pairs)
 
