@@ -19,7 +19,7 @@ from datasets import Dataset
 from helpers import REPO, cpu_args, make_pairs, subprocess_env
 
 from trl_cpo import CPOConfig, CPOTrainer, ECPOCConfig, ECPOCTrainer, precompute
-from trl_cpo.fingerprint import ReferenceFingerprint
+from trl_cpo.fingerprint import WEIGHT_SAMPLE, ReferenceFingerprint, model_digests, sample_positions
 from trl_cpo.reference import ReferenceLogps
 from trl_cpo.reference_store import (
     ReferenceFileError,
@@ -60,16 +60,18 @@ def build(tokenizer, tmp_path, rows, *, seed=0, trainer_cls=CPOTrainer, config_c
     return trainer
 
 
-def test_a_sweep_pays_the_reference_pass_once(tokenizer, tmp_path, passes, reference_store_dir, caplog):
+def test_a_sweep_pays_the_reference_pass_once(tokenizer, tmp_path, passes, reference_store_dir, capsys):
     rows = make_pairs(8, seed=0)
     first = build(tokenizer, tmp_path, rows, cpo_gamma=0.05, beta=2.5)
     assert len(passes) == 1 and len(entries(reference_store_dir)) == 1
-    with caplog.at_level(logging.INFO, logger="trl_cpo"):
-        # another cpo_gamma, beta, loss space and even method: the same reference, read from the store
-        second = build(tokenizer, tmp_path, rows, cpo_gamma=0.2, beta=0.5, loss_type="sigmoid")
-        third = build(tokenizer, tmp_path, rows, trainer_cls=ECPOCTrainer, config_cls=ECPOCConfig)
+    stored = os.path.join(reference_store_dir, entries(reference_store_dir)[0])
+    assert f"Reference log-probs of train (8 pairs): computed, stored in {stored}." in capsys.readouterr().out
+    # another cpo_gamma, beta, loss space and even method: the same reference, read from the store
+    second = build(tokenizer, tmp_path, rows, cpo_gamma=0.2, beta=0.5, loss_type="sigmoid")
+    third = build(tokenizer, tmp_path, rows, trainer_cls=ECPOCTrainer, config_cls=ECPOCConfig)
     assert len(passes) == 1
-    assert sum("read from" in record.getMessage() for record in caplog.records) == 2
+    said = f"Reference log-probs of train (8 pairs): read from the reference store ({stored}), no forward."
+    assert capsys.readouterr().out.count(said) == 2  # printed at the default log level, one line each
     for other in (second, third):
         torch.testing.assert_close(other.train_reference_logps.chosen, first.train_reference_logps.chosen)
         torch.testing.assert_close(other.train_reference_logps.rejected, first.train_reference_logps.rejected)
@@ -121,6 +123,18 @@ def test_cache_off_computes_and_stores_nothing(tokenizer, tmp_path, passes, refe
     build(tokenizer, tmp_path, rows, reference_cache=False)
     build(tokenizer, tmp_path, rows, reference_cache=False)
     assert len(passes) == 2 and entries(reference_store_dir) == []
+
+
+def test_a_store_that_cannot_be_written_costs_a_warning_not_the_run(tokenizer, tmp_path, passes, caplog, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TRL_CPO_REFERENCE_CACHE", str(blocker / "store"))  # its parent is a file: no folder there
+    with caplog.at_level(logging.WARNING, logger="trl_cpo"):
+        trainer = build(tokenizer, tmp_path, make_pairs(8, seed=0))
+    assert len(passes) == 1 and trainer.train_reference_logps is not None
+    (warning,) = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
+    assert "training goes on" in warning and "reference_cache_dir" in warning and "reference_cache=False" in warning
+    trainer.train()
 
 
 def test_reference_cache_dir_sets_the_folder(tokenizer, tmp_path, reference_store_dir):
@@ -200,3 +214,20 @@ def test_a_file_of_the_old_audit_layout_is_refused_with_the_fix(tmp_path):
     save_file({"chosen": torch.zeros(2)}, path, metadata={"format": "trl_cpo.reference_logps", "version": "1"})
     with pytest.raises(ReferenceFileError, match="trl-cpo audit"):
         read_reference_logps(path)
+
+
+@pytest.mark.parametrize("numel", [1025, 38_597_376, 525_336_576, 2**40 + 7])  # GPT-2 / Llama-3 embeddings, huge
+def test_weight_sample_positions_stay_inside_any_tensor(numel):
+    positions = sample_positions(numel)
+    assert positions.dtype == torch.int64 and len(positions) == WEIGHT_SAMPLE
+    assert positions[0] == 0 and positions[-1] == numel - 1
+    assert bool((positions[1:] > positions[:-1]).all())  # distinct and in order
+
+
+def test_weights_of_a_real_size_embedding_are_digested():
+    """A 50257 x 768 embedding (GPT-2's): float positions used to round past its end (IndexError)."""
+    embedding = torch.nn.Embedding(50257, 768)
+    _, first = model_digests(embedding)
+    with torch.no_grad():
+        embedding.weight[-1, -1] += 1.0  # the last value is always sampled
+    assert model_digests(embedding)[1] != first

@@ -86,6 +86,16 @@ def _reference_parameter_name(name: str, adapter_names: set[str]) -> str | None:
     return ".".join(part for part in parts if part not in ("base_layer", "original_module"))
 
 
+def sample_positions(numel: int, count: int = WEIGHT_SAMPLE, device=None) -> torch.Tensor:
+    """`count` evenly spaced positions in `range(numel)`, first and last included, in exact integer arithmetic.
+
+    Float positions (`torch.linspace`) round to `numel` itself beyond float32's 2**24 integers: a 50257 x 768
+    embedding (38.6M values) would index past its end.
+    """
+    steps = torch.arange(count, dtype=torch.int64, device=device)
+    return steps * (numel - 1) // (count - 1)
+
+
 def model_digests(model: torch.nn.Module) -> tuple[str, str | None]:
     """(`model`, `model_weights`) digests of the reference `model` (a PEFT model counts as its base model)."""
     adapter_names = set(getattr(model, "peft_config", {}) or {})
@@ -110,8 +120,7 @@ def model_digests(model: torch.nn.Module) -> tuple[str, str | None]:
             continue
         flat = tensor.reshape(-1)
         if flat.numel() > WEIGHT_SAMPLE:
-            index = torch.linspace(0, flat.numel() - 1, WEIGHT_SAMPLE, device=flat.device).long()
-            flat = flat[index]
+            flat = flat[sample_positions(flat.numel(), device=flat.device)]
         weights.update(name.encode())
         weights.update(flat.to(torch.float64).cpu().numpy().tobytes())
     return structure.hexdigest(), None if partitioned else weights.hexdigest()

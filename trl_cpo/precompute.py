@@ -182,17 +182,30 @@ class ReferencePrecompute:
         # Every rank takes the same branch: the pass gathers over ranks.
         flag = torch.tensor([0.0 if found is None else 1.0], device=self.accelerator.device)
         if self.accelerator.gather(flag).min().item() == 1.0:
-            logger.info(
-                "Reference log-probs of %s (%d pairs) read from %s.", name, len(found), store.path(fingerprint)
-            )
+            self._say_where(f"read from the reference store ({store.path(fingerprint)}), no forward", name, found)
             return found
         reference = compute_reference_logps(
             self, dataset, batch_size=batch_size, desc=f"Computing reference log-probs for {name} dataset"
         )
         if store is not None and self.accelerator.is_main_process:
-            path = store.write(fingerprint, reference)
-            logger.info("Reference log-probs of %s (%d pairs) computed; stored in %s.", name, len(reference), path)
+            try:
+                self._say_where(f"computed, stored in {store.write(fingerprint, reference)}", name, reference)
+            except OSError as error:  # the store only saves time: a folder that cannot be written costs a later pass
+                logger.warning(
+                    "Reference log-probs of %s computed but not stored (%s): training goes on, and the next run with "
+                    "this reference and data computes them again. Fix: set reference_cache_dir (or the "
+                    "TRL_CPO_REFERENCE_CACHE environment variable) to a writable folder, or reference_cache=False.",
+                    name,
+                    error,
+                )
+        elif store is None:
+            self._say_where("computed (reference_cache=False: not stored)", name, reference)
         return reference
+
+    def _say_where(self, what: str, name: str, reference: ReferenceLogps) -> None:
+        # Printed like the reference report, so a wrong store hit cannot pass unseen at the default log level.
+        if self.accelerator.is_main_process:
+            print(f"Reference log-probs of {name} ({len(reference)} pairs): {what}.", flush=True)
 
     @staticmethod
     def _with_reference(dataset, reference: ReferenceLogps):
