@@ -158,6 +158,10 @@ def test_warnings_name_the_fix():
     assert not reference_report(
         chosen, rejected, lc, lr, CPOConfig(**CPU, cpo_gamma=weak.recommended_cpo_gamma)
     ).warnings
+    # No cpo_gamma lifts with the released numerics: the warning gives the reason, naming E-CPOC once, in one sentence.
+    negative = reference_report(chosen, rejected, lc, lr, CPOConfig(**CPU, cpo_margin_type="inverse_logp"))
+    (message,) = [w for w in negative.warnings if "lifts only" in w]
+    assert message.count("ECPOCTrainer") == 1 and ".;" not in message and message.endswith(".")
 
 
 # -- in the trainers ---------------------------------------------------------------------------------------------------

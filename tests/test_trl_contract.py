@@ -610,6 +610,9 @@ def test_every_assumption_has_a_contract_test_and_a_line_in_the_docs():
     docs = (REPO / "docs" / "trl-compatibility.md").read_text(encoding="utf-8")
     missing = [key for key in compat.ASSUMPTIONS if f"`{key}`" not in docs]
     assert not missing, f"docs/trl-compatibility.md does not list {missing}"
+    table = docs[docs.index("## The assumptions") :]
+    rows = re.findall(r"^\| `([a-z_]+)` \|", table, re.M)
+    assert sorted(rows) == sorted(compat.ASSUMPTIONS), f"stale rows in the docs: {set(rows) - set(compat.ASSUMPTIONS)}"
     for version in compat.TESTED_TRL_VERSIONS:
         assert version in docs
         assert version in (REPO / "pyproject.toml").read_text(encoding="utf-8")

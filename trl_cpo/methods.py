@@ -109,14 +109,13 @@ def cpo_report_warnings(report, pairs: Pairs, *, beta: float, gamma: float, marg
     if n_misaligned and report.lifted_fraction < 0.5:
         fix = (
             f"cpo_gamma={report.recommended_cpo_gamma:.4g} lifts {report.lift_share:.0%} of them (set it, or "
-            f"cpo_auto_gamma={report.lift_share:g})"
+            f"cpo_auto_gamma={report.lift_share:g}); or use ECPOCTrainer, whose target never drops below ecpoc_gamma."
             if report.recommended_cpo_gamma is not None
-            else report.recommendation
+            else report.recommendation  # why no cpo_gamma does it, naming ECPOCTrainer
         )
         warnings.append(
             f"CPO at cpo_gamma={report.cpo_gamma:g} lifts only {report.lifted_fraction:.0%} of the {n_misaligned} pairs "
-            f"the reference gets wrong out of U (target delta_ref + m/beta >= 0). {fix}; or use ECPOCTrainer, whose "
-            "target never drops below ecpoc_gamma."
+            f"the reference gets wrong out of U (target delta_ref + m/beta >= 0). {fix}"
         )
     return warnings
 

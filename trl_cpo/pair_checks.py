@@ -87,7 +87,7 @@ def identical_pairs(prepared, max_length: int | None = None, truncation_mode: st
     Returns (all identical rows, the rows among them that differ before truncation, the smallest `max_length` that
     keeps every such pair's difference or None).
     """
-    prompt_values, prompt_offsets = _token_column(prepared, "prompt_ids")
+    _, prompt_offsets = _token_column(prepared, "prompt_ids")  # only the prompt lengths are needed
     chosen_values, chosen_offsets = _token_column(prepared, "chosen_ids")
     rejected_values, rejected_offsets = _token_column(prepared, "rejected_ids")
     identical, only_truncated, needed = [], [], None

@@ -15,7 +15,6 @@ The thresholds below are rules of thumb chosen for this tool, not values from th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -297,11 +296,6 @@ def recommend(
         else:
             caveat += "; where it is, read those pairs (confident_misaligned in pairs.jsonl) before lifting them."
     return Verdict(branch, text, caveat)
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """JSON-safe number: None for None, NaN or infinities."""
-    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def analyze(reference, config, method: str, report) -> dict[str, object]:
