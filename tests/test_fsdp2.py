@@ -15,12 +15,16 @@ One `torchrun --nproc_per_node 2` launch of `tests/scripts/fsdp2_worker.py` runs
   `--fsdp --fsdp_config FILE` (`FSDP_KEYS` below), and the DPO baseline (`--method dpo`) under the environment that
   `accelerate launch --config_file fsdp2.yaml` gives the processes (derived by accelerate's own code), which is how
   the documented GPU command runs.
-The training runs use the same FSDP settings (read from that yaml), except the state dict type that they vary.
+The training runs use the same FSDP settings (read from that yaml), except the state dict type that they vary, and
+write per-pair files (issue 19) with `pair_diagnostics="eval"`: a no-grad pass over the eval set after each evaluation,
+between training steps, and over the train and eval sets at the end of training. Everything the tests check about a
+run's model (sharding, optimizer state, weights) is taken after that last pass.
 
 The same three trainings run here in one process without FSDP. Both use fp32, SGD with momentum and a linear schedule,
-the same global batch (2 x 4 vs 1 x 8 pairs) and the same data order, so FSDP2 must reproduce every logged metric and
-the trained weights up to float32 round-off. Mixed precision is off: bf16 FSDP2 (`MixedPrecisionPolicy`) differs from
-bf16 autocast from the first step, and the yaml's `mixed_precision: bf16` is a GPU setting; it is not tested here.
+the same global batch (2 x 4 vs 1 x 8 pairs) and the same data order, so FSDP2 must reproduce every logged metric, the
+trained weights and the per-pair files up to float32 round-off. Mixed precision is off: bf16 FSDP2
+(`MixedPrecisionPolicy`) differs from bf16 autocast from the first step, and the yaml's `mixed_precision: bf16` is a
+GPU setting; it is not tested here.
 
 Flakiness loop (issue 15): see tests/conftest.py.
 """
@@ -40,6 +44,7 @@ import yaml
 from helpers import first_step_accuracy_is_roundoff, free_port, load_script, make_pairs, subprocess_env
 from safetensors.torch import load_file
 
+from trl_cpo.diagnostics import PAIR_COLUMNS, PAIRS_DIR, read_pairs
 from trl_cpo.reference_store import REFERENCE_FILE
 from trl_cpo.tiny import build_tiny_llama
 
@@ -208,7 +213,8 @@ def test_runs_are_fsdp2_on_two_ranks(runs):
             # (accelerate also gives the embedding and the final norm + LM head their own groups)
             assert "FSDPLlamaForCausalLM" in f["fsdp_modules"]
             assert f["fsdp_modules"].count("FSDPLlamaDecoderLayer") == layers
-            # every parameter a DTensor, sharded on dim 0 over the 2-rank CPU mesh
+            # every parameter a DTensor, sharded on dim 0 over the 2-rank CPU mesh, after the per-pair pass too (its
+            # no-grad forwards leave the groups FSDP2 does not reshard after forward unsharded until resharded)
             assert f["num_parameters"] > 0
             assert f["num_dtensor_parameters"] == f["num_sharded_parameters"] == f["num_parameters"], run["name"]
             assert f["meshes"] == [["cpu", 2]]
@@ -269,6 +275,51 @@ def test_fsdp2_training_matches_one_process(runs, method):
     assert moved > 1e-2, "training did not change the weights"
 
 
+#: The per-pair files of a run: the end of training's, then the eval set's after each evaluation.
+PAIR_FILES = {
+    "train": NUM_PAIRS,
+    "eval": NUM_EVAL_PAIRS,
+    **{f"step-{s}/eval": NUM_EVAL_PAIRS for s in range(1, STEPS + 1)},
+}
+
+
+def pair_files(runs, world, name, split):
+    return read_pairs(str(runs["out"][world] / name / PAIRS_DIR / f"{split}.jsonl"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_pair_files_match_one_process(runs, method):
+    # Under FSDP2 both ranks run each pass and rank 0 writes its file: one row per pair, with the values of the
+    # 1-process run's file at the same weights (between steps, and final). `row` is numbered by the trainer, so the
+    # row-by-row comparison of values is what checks that the pairs gathered from both ranks are in dataset order.
+    for split, n in PAIR_FILES.items():
+        one, two = (pair_files(runs, world, method, split) for world in (1, 2))
+        assert [pair["row"] for pair in two] == [pair["row"] for pair in one] == list(range(n)), split
+        for a, b in zip(one, two, strict=True):
+            assert list(a) == list(b) == list(PAIR_COLUMNS)
+            for key, value in a.items():
+                if isinstance(value, float):
+                    assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-5), f"{split} row {a['row']}: {key}"
+                else:  # token counts and flags
+                    assert b[key] == value, f"{split} row {a['row']}: {key}"
+        # The policy's log-probs at the pass's (trained) weights, not the reference's
+        assert max(abs(pair["delta_pi"] - pair["delta_ref"]) for pair in two) > 1e-2, split
+    # Every rank gathered every pair: rank 1's summary of each split is rank 0's.
+    summaries = [runs["load"](2, method, rank)["pair_summary"] for rank in (0, 1)]
+    assert summaries[0] == summaries[1] and set(summaries[0]) == {"train", "eval"}
+    assert summaries[0]["train"]["num_pairs"] == NUM_PAIRS
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_optimizer_state_dict_after_the_pair_pass(runs, method):
+    # Recorded after train() (so after the per-pair pass) and before anything took the model's state dict, whose
+    # FSDP2 hooks reshard: torch.distributed.checkpoint maps the optimizer's state to each parameter by name. With the
+    # final norm and LM head left unsharded by the pass's forwards, it failed with a KeyError (issue 19).
+    names = sorted(load_file(str(runs["root"] / "policy" / "model.safetensors")))
+    for rank in (0, 1):
+        assert runs["load"](2, method, rank)["optimizer_state"] == names, f"rank {rank}"
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_is_saved(runs, method):
     folder = runs["out"][2] / method / f"checkpoint-{SAVE_STEP}"
@@ -321,6 +372,9 @@ def test_resume_is_bit_identical(runs, method):
     assert full_weights.keys() == resumed_weights.keys()
     for key, value in full_weights.items():
         assert torch.equal(resumed_weights[key], value), key
+    for split in PAIR_FILES:  # the per-pair passes of the same weights, after the checkpoint
+        if split != f"step-{SAVE_STEP}/eval":
+            assert pair_files(runs, 2, f"{method}-resumed", split) == pair_files(runs, 2, method, split), split
 
 
 @pytest.mark.parametrize("name", RECIPE_RUNS)
@@ -340,6 +394,10 @@ def test_recipe_runs_under_fsdp2(runs, name):
     # reference copy TRL loads for the precompute (with fsdp2.yaml's cpu_ram_efficient_loading) is the right model.
     assert steps[0]["rewards/chosen"] == pytest.approx(0, abs=1e-5)
     assert steps[0]["rewards/rejected"] == pytest.approx(0, abs=1e-5)
+    # The per-pair pass ran at the end of training (pair_diagnostics="end", the default), before the recipe's
+    # save_model: the model checked below was saved after it.
+    pairs = read_pairs(str(out / PAIRS_DIR / "train.jsonl"))
+    assert [pair["row"] for pair in pairs] == list(range(results["train_samples"]))
     # FULL_STATE_DICT (fsdp2.yaml): save_model writes an ordinary full model that loads without FSDP.
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     start = AutoModelForCausalLM.from_pretrained(runs["root"] / "recipe-model", dtype=torch.float32)

@@ -45,6 +45,26 @@ PAIR_MODES = ("no", "end", "eval")
 _LOGISTIC_LOSSES = ("sigmoid", "sigmoid_norm")
 
 
+def _reshard_fsdp2(model: torch.nn.Module) -> None:
+    """Return every FSDP2 (``fully_shard``) module of `model` to the sharded state a training step leaves it in.
+
+    FSDP2 keeps some groups unsharded after forward, expecting backward to need them at once: the root's (PyTorch's
+    default) and the final norm + LM head (accelerate shards them with ``reshard_after_forward=False``). A no-grad pass
+    has no backward, so they stay unsharded: full plain tensors registered in place of the DTensor shards the optimizer
+    holds. FSDP2's state-dict hooks reshard them, so saving the model works, but torch.distributed.checkpoint's
+    ``get_optimizer_state_dict`` maps the optimizer's parameters through ``named_parameters()`` first and fails
+    (KeyError), and each rank keeps a full LM head in memory. ``FSDPModule.reshard`` is public but not recursive, hence
+    every module. Not an FSDP2 model (one process, DDP, FSDP1, DeepSpeed): nothing to do.
+    """
+    if not torch.distributed.is_available():  # a torch build without torch.distributed has no FSDP to import
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 class _FusedHeadCalls:
     """The fused-LM-head per-token log-probs of every forward of `module` made while `active` (a forward hook, like
     `trl_cpo.logps.PolicyLogpsRecorder`): the policy's forward in DPOTrainer's loss, then, for a PEFT policy without a
@@ -193,12 +213,6 @@ class DiagnosticsCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.pairs == "no":
             return
-        if getattr(self.trainer, "is_fsdp_enabled", False):
-            # The pass's forwards would leave FSDP2's root parameters unsharded after training: not written there.
-            logging.getLogger(__name__).warning(
-                "pair_diagnostics: per-pair files are not written under FSDP (set pair_diagnostics='no')."
-            )
-            return
         for split, dataset in self._splits(train=True).items():
             self.final[split] = diagnostics.summary(self.write_split(split, dataset))
 
@@ -291,6 +305,8 @@ class DiagnosticsCallback(TrainerCallback):
             parts = [self._batch_logps(policy, reference, batch) for batch in dataloader]
         finally:
             policy.train(was_training)
+            for model in (policy, reference):  # the same model twice without a ref_model: resharding is idempotent
+                _reshard_fsdp2(model)
         return {name: torch.cat(column) for name, column in zip(_PER_PAIR_NAMES, zip(*parts))}
 
     def _batch_logps(self, policy, reference, batch) -> list[torch.Tensor]:

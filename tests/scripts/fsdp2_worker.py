@@ -8,7 +8,9 @@ weights (gathered from the shards) to `<out_dir>/<run>.safetensors`.
 Runs (the spec lists them, in order):
 - `{"name", "method", "state_dict_type"}`: `method` is cpo | ecpoc | dpo; fp32, SGD with momentum, a linear schedule,
   `global_batch` pairs per optimizer step on any world size, `steps` steps; under FSDP2 a checkpoint is saved after
-  step `save_step` with the given `fsdp_config["state_dict_type"]`.
+  step `save_step` with the given `fsdp_config["state_dict_type"]`. Per-pair files (`pair_diagnostics="eval"`) are
+  written after each evaluation (`<out_dir>/<run>/_diagnostics/step-<N>/eval.jsonl`) and at the end of training
+  (`_diagnostics/{train,eval}.jsonl`), before the facts are recorded.
 - `{"name", "method", "state_dict_type", "resume": "<run>"}`: the same run, resumed from that run's checkpoint.
 - `{"name", "recipe": [argv...], "env": {...}}`: `recipes/cpo_llama3.py` executed as `__main__` with that command line,
   after setting `env` (e.g. the variables `accelerate launch` would set).
@@ -82,9 +84,9 @@ def _args(spec, run, world_size, fsdp):
         dataloader_num_workers=0,
         disable_tqdm=True,
         save_strategy="no",
-        # No end-of-training per-pair pass: under FSDP2 its forward leaves the root's parameters unsharded, which the
-        # sharding checks below would count (a known issue of the per-pair files under FSDP2, issue 19).
-        pair_diagnostics="no",
+        # Per-pair passes (no-grad forwards) after each evaluation, between training steps, and at the end of training:
+        # their files are compared with the 1-process run's, and the checks of the model below run after the last.
+        pair_diagnostics="eval",
     )
     if fsdp:
         kwargs.update(
@@ -116,6 +118,19 @@ class SaveAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             control.should_save = True
+
+
+def _optimizer_state_names(trainer):
+    """The parameter names of the optimizer state that torch.distributed.checkpoint builds for a checkpoint, or the
+    error it raised. Called before anything takes the model's state dict: FSDP2's model state-dict hooks reshard,
+    which would hide parameters a no-grad pass left unsharded (issue 19)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    try:
+        state = get_optimizer_state_dict(trainer.model_wrapped, trainer.optimizer)
+    except Exception as error:  # recorded, so that the test names it
+        return repr(error)
+    return sorted(state["state"])
 
 
 def _state_dict(trainer):
@@ -152,6 +167,9 @@ def run_training(spec, run):
     eval_reference = trainer.eval_reference_logps["eval"]
     result = {
         **(fsdp2_facts(trainer) if fsdp else {"num_processes": trainer.accelerator.num_processes}),
+        "optimizer_state": _optimizer_state_names(trainer) if fsdp else None,
+        # Each split's summary of the per-pair pass, on this rank (every rank gathers all pairs).
+        "pair_summary": trainer.diagnostics.final,
         "trainer_class": type(trainer).__name__,
         "global_step": trainer.state.global_step,
         "steps_this_session": counter.steps,
