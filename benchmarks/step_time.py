@@ -127,6 +127,7 @@ def run_trainer(args):
     from trl import DPOConfig, DPOTrainer
 
     from trl_cpo.methods import METHODS
+    from trl_cpo.trainers import TRAINERS
 
     cuda = torch.cuda.is_available()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -177,7 +178,7 @@ def run_trainer(args):
     if args.child.removesuffix("_live") in METHODS:  # cpo, ecpoc, cpo_live: the method's trainer, default fields
         method = METHODS[args.child.removesuffix("_live")]
         live = args.child.endswith("_live")
-        cls, config = method.trainer_class, method.config_class(**common, precompute_ref_log_probs=not live)
+        cls, config = TRAINERS[method.name], method.config_class(**common, precompute_ref_log_probs=not live)
         if live and not args.lora:
             ref_model = AutoModelForCausalLM.from_pretrained(f"{args.workdir}/model", **load_kwargs)
     else:

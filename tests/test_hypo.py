@@ -20,6 +20,7 @@ from trl_cpo.scripts.audit import analysis
 from trl_cpo.scripts.demo import args as demo_args
 from trl_cpo.scripts.demo import optimum, rows
 from trl_cpo.tiny import build_tiny_llama, build_tiny_tokenizer
+from trl_cpo.trainers import trainer_class
 
 
 def released_clip_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
@@ -34,7 +35,7 @@ def test_hypo_is_a_named_method():
     method = METHODS["hypo"]
     assert method.base is METHODS["ecpoc"] and method.title == "HyPO"
     assert method.pinned == {"ecpoc_gamma": 0.0, "ecpoc_tau": math.inf, "ecpoc_alpha": 1.0}
-    assert method.trainer_class is HyPOTrainer and issubclass(HyPOTrainer, ECPOCTrainer)
+    assert trainer_class(method) is HyPOTrainer and issubclass(HyPOTrainer, ECPOCTrainer)
     assert method.config_class is HyPOConfig and HyPOTrainer._paper["id"] == "2602.11902"
     assert "hypo" in train_script.METHODS  # trl-cpo train --method hypo
     with pytest.raises(TypeError, match="ecpoc_gamma"):  # pinned: not an argument

@@ -211,15 +211,16 @@ def test_method_switch_and_command_line_overrides(recipe, caplog):
 
 def test_method_tables_derive_from_the_package_table(recipe):
     from trl_cpo.methods import METHODS
+    from trl_cpo.trainers import trainer_class
 
     assert recipe.METHODS == ("cpo", "ecpoc", "dpo", "hypo")
     for name, method in METHODS.items():
-        assert recipe.TRAINERS[name] is method.trainer_class
+        assert recipe.TRAINERS[name] is trainer_class(method)
         assert recipe.CONFIG_CLASSES[name] is method.config_class
         assert recipe.METHOD_FIELDS[name] == (*method.fields, *method.config_only_fields)
     assert recipe.TRAINERS["dpo"] is recipe.DPOBaselineTrainer and recipe.METHOD_FIELDS["dpo"] == ()
     assert recipe.DPOBaselineTrainer.method.config_class is recipe.DPOBaselineConfig
-    assert recipe.DPOBaselineTrainer.method.trainer_class is recipe.DPOBaselineTrainer
+    assert trainer_class(recipe.DPOBaselineTrainer.method) is recipe.DPOBaselineTrainer
     assert not hasattr(recipe, "GAMMA_MEANING")
 
 

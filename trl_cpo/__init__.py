@@ -34,9 +34,10 @@ _LAZY_NAMES = {
     "ECPOCConfig": "ecpoc_config",
     "ECPOCTrainer": "ecpoc_trainer",
     "HyPOConfig": "methods",
-    "HyPOTrainer": "methods",
+    "HyPOTrainer": "trainers",
     "METHODS": "methods",
     "Method": "methods",
+    "TRAINERS": "trainers",
     "ReferenceFileError": "reference_store",
     "ReferenceLogps": "reference",
     "compute_reference_logps": "reference",
@@ -52,6 +53,7 @@ _LAZY_NAMES = {
 
 __all__ = [
     "METHODS",
+    "TRAINERS",
     "CPOConfig",
     "CPOTrainer",
     "DiagnosticsCallback",
@@ -96,8 +98,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names eagerly
     from .cpo_trainer import CPOTrainer
     from .ecpoc_config import ECPOCConfig
     from .ecpoc_trainer import ECPOCTrainer
-    from .methods import METHODS, HyPOConfig, HyPOTrainer, Method
+    from .methods import METHODS, HyPOConfig, Method
     from .reference import ReferenceLogps, compute_reference_logps
     from .reference_store import ReferenceFileError, load_reference_checkpoint, save_reference_checkpoint
     from .report import GammaRecommendation, ReferenceReport, recommend_cpo_gamma, reference_report, wilson_interval
     from .report_callback import ReferenceReportCallback
+    from .trainers import TRAINERS, HyPOTrainer

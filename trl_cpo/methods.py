@@ -1,19 +1,21 @@
 r"""The method table: each reference-margin method declared once, with everything that differs between methods.
 
-A method is its config class, its trainer, the target log-odds it trains `delta_pi` to beat (a function of the frozen
-reference alone, built from `trl_cpo.losses`), the per-pair quantity it logs, and what it does to the pairs the
-reference gets wrong (`effects`: the reference report and the audit print it). The trainers' shared base, the reference
-report, the model card, the scripts (train, audit, demo) and the benchmarks read these fields; none of them branches on
-a method's name.
+A method is its config class, the target log-odds it trains `delta_pi` to beat (a function of the frozen reference
+alone, built from `trl_cpo.losses`), the per-pair quantity it logs, and what it does to the pairs the reference gets
+wrong (`effects`: the reference report and the audit print it). The trainers' shared base, the reference report, the
+model card, the scripts (train, audit, demo) and the benchmarks read these fields; none of them branches on a method's
+name. Which class trains a method is `trl_cpo.trainers.TRAINERS` (the trainers import this table; it imports none of
+them).
 
 Adding a method:
 
 - a setting of an existing method under its own name is one `variant` entry and nothing else. The DPO baseline below is
   CPO at `cpo_gamma=0`, and HyPO (the released code's default) is E-CPOC at `ecpoc_gamma=0, ecpoc_tau=inf,
-  ecpoc_alpha=1` (target `max(delta_ref, 0)`). A variant's config and trainer classes derive from its base's, with every setting of
-  the base pinned (so they are no flags of `--method <variant>`);
-- a new objective is a target function and an effects function here, a config class and a trainer class (whose
-  `method` is its entry), and one `Method` entry.
+  ecpoc_alpha=1` (target `max(delta_ref, 0)`). A variant's config class derives from its base's, with every setting
+  of the base pinned (so they are no flags of `--method <variant>`); `trl_cpo.trainers` builds its trainer class from
+  its base's;
+- a new objective is a target function and an effects function here, a config class, one `Method` entry, and a trainer
+  class (whose `method` is its entry) listed in `trl_cpo.trainers._BASE_TRAINERS`.
 
 Every target is in the loss's log-prob space (summed, or per-token averaged for `loss_type='sigmoid_norm'`). CPO's
 margin reads per-token reference log-probs whatever the space (see `trl_cpo.losses.cpo_margin`).
@@ -22,8 +24,6 @@ margin reads per-token reference log-probs whatever the space (see `trl_cpo.loss
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,15 +160,14 @@ class VariantCard:
 
 @dataclass(frozen=True)
 class Method:
-    """One reference-margin method: where it lives, what it computes, logs and reports."""
+    """One reference-margin method: its config class, what it computes, logs and reports (its trainer class:
+    `trl_cpo.trainers.trainer_class`)."""
 
     #: Short name used by `--method`, the demo and the audit.
     name: str
     #: Human-readable name (model cards, tables).
     title: str
     config_class: type
-    #: "module:Class" of the trainer, imported on first use (the trainers import this table); None for a variant.
-    trainer_path: str | None
     #: The method's own settings: config field -> keyword of `target` (TRL-style prefixed names, the paper's). Empty
     #: for a variant, whose target is its base's at the pinned settings.
     fields: dict[str, str]
@@ -189,7 +188,8 @@ class Method:
     #: Config fields of the method that are not arguments of `target` (e.g. CPO's `cpo_auto_gamma`, which chooses
     #: `cpo_gamma` from the data): scripts accept them with the method's fields, model cards list them when set.
     config_only_fields: tuple[str, ...] = ()
-    #: A variant's base entry, the value of each of the base's settings it pins, its trainer's class name and card.
+    #: A variant's base entry, the value of each of the base's settings it pins, the name and model card of its
+    #: trainer class (which `trl_cpo.trainers` builds).
     base: Method | None = None
     pinned: dict[str, object] = field(default_factory=dict)
     trainer_name: str | None = None
@@ -199,13 +199,6 @@ class Method:
     def flags(self) -> tuple[str, ...]:
         """The config fields the scripts take for this method beyond DPOConfig's (none for a variant)."""
         return (*self.fields, *self.config_only_fields)
-
-    @functools.cached_property
-    def trainer_class(self) -> type:
-        if self.base is not None:
-            return _variant_trainer(self)
-        module, name = self.trainer_path.split(":")
-        return getattr(importlib.import_module(module), name)
 
     def settings(self, config) -> dict[str, object]:
         """The target's settings in `config`, by config field name (a variant: its base's, at the pinned values).
@@ -238,8 +231,8 @@ class Method:
 def variant(base: Method, *, name: str, title: str, class_prefix: str, pinned: dict, formula: str, card=None):
     """`base` under its own name with every setting pinned: the values in `pinned`, the base config's defaults for the
     rest. Its config class `<class_prefix>Config` subclasses the base's with those fields fixed (`init=False`, so
-    neither arguments nor flags); its trainer `<class_prefix>Trainer` subclasses the base's, with `card`'s model-card
-    attributes (a `VariantCard`; None keeps the base's)."""
+    neither arguments nor flags); its trainer `<class_prefix>Trainer` (built by `trl_cpo.trainers`) subclasses the
+    base's, with `card`'s model-card attributes (a `VariantCard`; None keeps the base's)."""
     settings = {f: pinned.get(f, getattr(base.config_class, f)) for f in base.flags}
     if set(pinned) - set(settings):
         raise ValueError(f"{name}: {sorted(set(pinned) - set(settings))} are not settings of {base.name}.")
@@ -247,7 +240,8 @@ def variant(base: Method, *, name: str, title: str, class_prefix: str, pinned: d
         (f, base.config_class.__dataclass_fields__[f].type, field(default=value, init=False))
         for f, value in settings.items()
     ]
-    doc = f"`{base.config_class.__name__}` of the {title} ({base.title} at {_describe(settings)}); no field to set."
+    described = describe_settings(settings)
+    doc = f"`{base.config_class.__name__}` of the {title} ({base.title} at {described}); no field to set."
     config_class = dataclasses.make_dataclass(
         f"{class_prefix}Config",
         config_fields,
@@ -259,7 +253,6 @@ def variant(base: Method, *, name: str, title: str, class_prefix: str, pinned: d
         name=name,
         title=title,
         config_class=config_class,
-        trainer_path=None,
         fields={},
         config_only_fields=(),
         formula=formula,
@@ -270,24 +263,9 @@ def variant(base: Method, *, name: str, title: str, class_prefix: str, pinned: d
     )
 
 
-def _describe(settings: dict[str, object]) -> str:
+def describe_settings(settings: dict[str, object]) -> str:
+    """`name=value, ...`: how a variant's docstrings state its pinned settings."""
     return ", ".join(f"{name}={value!r}" for name, value in settings.items())
-
-
-def _variant_trainer(method: Method) -> type:
-    namespace = {
-        "method": method,
-        "__module__": __name__,
-        "__doc__": f"{method.title}: {method.base.trainer_class.__name__} at {_describe(method.pinned)}. "
-        f"{method.formula}",
-    }
-    card = method.card
-    if card is not None:
-        attributes = _trl_compat.card_attributes(tags=list(card.tags), name=card.name, paper=card.paper())
-        namespace["_tag_names"], namespace["_name"], namespace["_paper"] = attributes
-        if card.description is not None:
-            namespace["_card_description"] = property(lambda self: card.description(self.args))
-    return type(method.trainer_name, (method.base.trainer_class,), namespace)
 
 
 METHODS: dict[str, Method] = {
@@ -295,7 +273,6 @@ METHODS: dict[str, Method] = {
         name="cpo",
         title="CPO",
         config_class=CPOConfig,
-        trainer_path="trl_cpo.cpo_trainer:CPOTrainer",
         fields={"cpo_gamma": "gamma", "cpo_margin_type": "margin_type", "cpo_max_margin": "max_margin"},
         target=cpo_method_target,
         metric_name="cpo_margin",
@@ -311,7 +288,6 @@ METHODS: dict[str, Method] = {
         name="ecpoc",
         title="E-CPOC",
         config_class=ECPOCConfig,
-        trainer_path="trl_cpo.ecpoc_trainer:ECPOCTrainer",
         fields={"ecpoc_gamma": "gamma", "ecpoc_tau": "tau", "ecpoc_alpha": "alpha"},
         target=ecpoc_method_target,
         metric_name="ecpoc_target",
@@ -368,11 +344,9 @@ def method_for_config(config) -> Method:
 
 
 def __getattr__(name: str):
-    """The variants' derived classes, by name (`trl_cpo.methods.DPOBaselineConfig`): pickle finds the class of a saved
-    config (the Trainer's `training_args.bin`) here."""
+    """The variants' config classes, by name (`trl_cpo.methods.DPOBaselineConfig`): pickle finds the class of a saved
+    config (the Trainer's `training_args.bin`) here. (Their trainer classes are `trl_cpo.trainers`'.)"""
     for method in globals().get("METHODS", {}).values():
         if method.base is not None and name == method.config_class.__name__:
             return method.config_class
-        if method.base is not None and name == method.trainer_name:
-            return method.trainer_class
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

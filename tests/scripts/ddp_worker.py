@@ -88,12 +88,12 @@ def run_scenario(spec, name, method, source, phase):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from trl_cpo.methods import METHODS
+    from trl_cpo.trainers import TRAINERS
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     out_dir = os.path.join(spec["out_dir"], name)
     args = _config(spec, method, phase, world_size, out_dir)
-    trainer_cls = METHODS[method].trainer_class
+    trainer_cls = TRAINERS[method]
     ref_model = None
     if phase == "A":
         ref_model = AutoModelForCausalLM.from_pretrained(spec["ref_model_dir"], dtype=torch.float32)

@@ -48,8 +48,9 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 import trl_cpo._trl_compat as _trl_compat
 from trl_cpo.dataset_loading import drop_redundant_prompt, load_datasets, load_preference_dataset, split
 from trl_cpo.methods import METHODS as METHOD_TABLE
-from trl_cpo.methods import DPOBaselineConfig, DPOBaselineTrainer, Method
+from trl_cpo.methods import DPOBaselineConfig, Method
 from trl_cpo.model_card import write_hub_dry_run
+from trl_cpo.trainers import TRAINERS, DPOBaselineTrainer
 
 from . import _method_args
 
@@ -67,9 +68,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: `--method`'s choices, and the script's view of each entry: its trainer, its config class, the flags it adds.
+#: `--method`'s choices, and the script's view of each entry: its config class, the flags it adds (its trainer:
+#: `TRAINERS`, from `trl_cpo.trainers`).
 METHODS = tuple(METHOD_TABLE)
-TRAINERS = {name: method.trainer_class for name, method in METHOD_TABLE.items()}
 CONFIG_CLASSES = {name: method.config_class for name, method in METHOD_TABLE.items()}
 METHOD_FIELDS = {name: method.flags for name, method in METHOD_TABLE.items()}
 

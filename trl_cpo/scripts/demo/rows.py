@@ -108,15 +108,17 @@ def build_config(name: str, args, *, seed: int, output_dir: str):
 
 
 def make_trainer(name: str, model, config, train_dataset, tokenizer):
-    """The row's trainer: TRL's DPOTrainer for DPO, the method table's trainer class otherwise."""
+    """The row's trainer: TRL's DPOTrainer for DPO, its method's trainer class (`trl_cpo.trainers`) otherwise."""
     method = row_method(name)
     if method is None:
         from trl import DPOTrainer
 
-        trainer_class = DPOTrainer
+        cls = DPOTrainer
     else:
-        trainer_class = method.trainer_class
-    return trainer_class(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer)
+        from trl_cpo.trainers import trainer_class
+
+        cls = trainer_class(method)
+    return cls(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer)
 
 
 def swapped(reference):
