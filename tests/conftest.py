@@ -12,6 +12,7 @@ tests/test_recipes.py's torchrun tests and tests/test_resume.py's kill test, whi
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -20,6 +21,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# A reference store of the session's own for fixtures wider than one test (the autouse fixture below gives each test an
+# empty one): no test reads entries that other runs left in the user's store.
+os.environ["TRL_CPO_REFERENCE_CACHE"] = tempfile.mkdtemp(prefix="trl-cpo-test-store-")
 
 from datasets import Dataset  # noqa: E402
 from helpers import REPO, WORDS, make_pairs, subprocess_env  # noqa: E402

@@ -70,6 +70,13 @@ def _bar(total: int, desc: str, disable: bool):
 # -- training -----------------------------------------------------------------------------------------------------------
 
 
+def _report_text(printed: str) -> str | None:
+    """The reference report as the trainer printed it, without the line before it that says where the reference
+    log-probs came from (computed, or read from the reference store at a path of this machine)."""
+    start = printed.find("Reference report (")
+    return printed[start:].strip() if start >= 0 else None
+
+
 def _trainer_name(trainer) -> str:
     cls = type(trainer)
     return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
@@ -141,7 +148,7 @@ def train_row(name, config, reference, tokenizer, train_dataset, held_out: HeldO
             if "loss" in entry
         ],
         "reference_report": None if trainer_report is None else trainer_report.to_dict(),
-        "printed_report": printed.getvalue().strip() or None,
+        "printed_report": _report_text(printed.getvalue()),
         "timing_seconds": round(time.perf_counter() - start, 2),
     }
 
