@@ -15,15 +15,31 @@ pytorch/pytorch#154976 (which made the `ProcessGroup` binding release the GIL be
 
 The fix keeps a Python reference to the group until the interpreter exits, so the `Reducer` never holds the last one:
 the group is destroyed through the `ProcessGroup` binding, which releases the GIL first and lets the workers finish.
+
+A second race sits at interpreter exit. Once DDP has wrapped a model, the group outlives every `atexit` handler
+(DDP's construction leaves references to it that nothing releases: the default group's Python refcount stays 13 after
+`destroy_process_group`, against 2 without DDP), so its gloo workers still run while Python finalizes. A worker that
+is releasing a finished collective's work at that moment (an all-gather whose tensors Python already dropped: freeing
+them needs the GIL) is ended by Python 3.11's finalizing `PyEval_RestoreThread`, whose forced unwind hits a
+`noexcept` destructor in gloo's worker loop: `std::terminate`, "terminate called without an active exception", exit
+-6 on a rank that has nothing left to write. Seen about once in 22 two-process launches on a loaded 2-core CPU. All
+ranks have met at a barrier by then, so every collective has completed; `end_distributed_run` then waits
+`WORKER_DRAIN_SECONDS` with the GIL released, for the workers to finish releasing them before the script can exit.
+That narrows the window from microseconds after a barrier to a worker descheduled for half a second; it cannot
+close it while the group outlives the interpreter (tests/test_distributed_exit.py amplifies the release to check it).
 """
 
 from __future__ import annotations
 
 import atexit
+import time
 from collections.abc import Callable
 
 import torch.distributed as dist
 
+#: Seconds `end_distributed_run` leaves the gloo workers, after every rank has met, to release the collectives they
+#: finished before the interpreter finalizes (module docstring). Paid once per run.
+WORKER_DRAIN_SECONDS = 0.5
 #: Process groups kept alive past `Trainer.end()`, released at interpreter exit (see the module docstring), while the
 #: interpreter is still whole: `atexit` handlers run before module teardown.
 _KEPT_GROUPS: list = []
@@ -44,6 +60,7 @@ def end_distributed_run(end: Callable[[], None], wait_for_everyone: Callable[[],
     wait_for_everyone()
     end()
     _KEPT_GROUPS.append(group)
+    time.sleep(WORKER_DRAIN_SECONDS)  # the GIL is free: workers finish releasing their last works before exit
 
 
 def end_training(trainer) -> None:
