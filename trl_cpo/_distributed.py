@@ -27,6 +27,8 @@ ranks have met at a barrier by then, so every collective has completed; `end_dis
 `WORKER_DRAIN_SECONDS` with the GIL released, for the workers to finish releasing them before the script can exit.
 That narrows the window from microseconds after a barrier to a worker descheduled for half a second; it cannot
 close it while the group outlives the interpreter (tests/test_distributed_exit.py amplifies the release to check it).
+Upstream: pytorch/pytorch#179291 (an atexit `destroy_process_group` for exactly this crash, abandoned as harder than
+it looked) and pytorch/pytorch#190489 (the same message when a script never destroys its group).
 """
 
 from __future__ import annotations
