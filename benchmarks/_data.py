@@ -144,18 +144,7 @@ def _short(message: str) -> str:
     return re.sub(r",? at row\(s\) 0 \(1 in all\)", "", first_sentence).rstrip(".")
 
 
-# -- a random Llama and the shipped pairs (benchmarks/resume_time.py, benchmarks/sweep_reference_time.py) -------------
-
-
-def add_model_and_pairs_arguments(parser) -> None:
-    """The data, model-shape and batch flags of the benchmarks that train a random Llama on the shipped pairs."""
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="HH-RLHF or prompt/chosen/rejected JSON lines")
-    parser.add_argument("--num_pairs", type=int, default=256, help="records read (refused pairs skipped)")
-    parser.add_argument("--batch_size", type=int, default=8, help="per-device batch and precompute_ref_batch_size")
-    parser.add_argument("--max_length", type=int, default=512)
-    parser.add_argument("--hidden_size", type=int, default=256)
-    parser.add_argument("--num_layers", type=int, default=4)
-    parser.add_argument("--vocab_size", type=int, default=8192, help="word-level tokenizer vocabulary")
+# -- a random Llama and the shipped pairs (flags: _smoke.model_and_pairs_parser) ----------------------------------------
 
 
 def save_model_and_pairs(args, folder: str) -> LoadedPairs:

@@ -55,3 +55,30 @@ def run(args, measure, prefix: str) -> dict:
     if args.smoke:
         print(banner())
     return result
+
+
+def model_and_pairs_parser(description: str, smoke: dict):
+    """The flags of a benchmark that trains a random Llama on the shipped pairs (`_data.save_model_and_pairs`):
+    `--smoke` (its help names `smoke`, the values `parse` then sets), data, model shape, batch and `--json`."""
+    import argparse
+
+    from _data import DEFAULT_DATA
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help=f"a smoke run, not a measurement: {smoke}")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="HH-RLHF or prompt/chosen/rejected JSON lines")
+    parser.add_argument("--num_pairs", type=int, default=256, help="records read (refused pairs skipped)")
+    parser.add_argument("--batch_size", type=int, default=8, help="per-device batch and precompute_ref_batch_size")
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--hidden_size", type=int, default=256)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--vocab_size", type=int, default=8192, help="word-level tokenizer vocabulary")
+    parser.add_argument("--json", help="write the measurements here")
+    return parser
+
+
+def parse(parser, smoke: dict, argv=None):
+    """`parser.parse_args(argv)`, with `smoke`'s values as defaults under `--smoke`."""
+    if parser.parse_args(argv).smoke:
+        parser.set_defaults(**smoke)
+    return parser.parse_args(argv)

@@ -19,7 +19,6 @@ trainer outside the timed span; the resumes alternate for `--rounds` rounds and 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -30,7 +29,7 @@ import sys
 import time
 
 import _smoke
-from _data import add_model_and_pairs_arguments, save_model_and_pairs
+from _data import save_model_and_pairs
 
 import trl_cpo  # noqa: F401  (first: it quiets bitsandbytes' import-time kernel probe before transformers runs it)
 
@@ -38,14 +37,9 @@ SMOKE = dict(num_pairs=48, max_length=128, hidden_size=64, num_layers=2, vocab_s
 
 
 def _parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help=f"a smoke run, not a measurement: {SMOKE}")
-    add_model_and_pairs_arguments(parser)
+    parser = _smoke.model_and_pairs_parser(__doc__, SMOKE)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", help="write the measurements here")
-    if parser.parse_args(argv).smoke:
-        parser.set_defaults(**SMOKE)
-    return parser.parse_args(argv)
+    return _smoke.parse(parser, SMOKE, argv)
 
 
 def main(argv=None):

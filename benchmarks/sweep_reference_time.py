@@ -17,7 +17,6 @@ sweeps alternate run by run (CPO, DPO, CPO, DPO, ...). Target (issue 17): ours /
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import io
@@ -27,7 +26,7 @@ import sys
 import time
 
 import _smoke
-from _data import add_model_and_pairs_arguments, save_model_and_pairs
+from _data import save_model_and_pairs
 
 import trl_cpo  # noqa: F401  (first: it quiets bitsandbytes' import-time kernel probe before transformers runs it)
 
@@ -37,13 +36,8 @@ SMOKE = dict(num_pairs=48, max_length=128, hidden_size=64, num_layers=2, vocab_s
 
 
 def _parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help=f"a smoke run, not a measurement: {SMOKE}")
-    add_model_and_pairs_arguments(parser)
-    parser.add_argument("--json", help="write the measurements here")
-    if parser.parse_args(argv).smoke:
-        parser.set_defaults(**SMOKE)
-    return parser.parse_args(argv)
+    parser = _smoke.model_and_pairs_parser(__doc__, SMOKE)
+    return _smoke.parse(parser, SMOKE, argv)
 
 
 def main(argv=None):

@@ -45,6 +45,8 @@ WORKER_DRAIN_SECONDS = 0.5
 #: Process groups kept alive past `Trainer.end()`, released at interpreter exit (see the module docstring), while the
 #: interpreter is still whole: `atexit` handlers run before module teardown.
 _KEPT_GROUPS: list = []
+#: True while `end_distributed_run` runs `end`, so that an `end` which calls it again does not meet and drain twice.
+_ENDING = False
 atexit.register(_KEPT_GROUPS.clear)
 
 
@@ -55,12 +57,18 @@ def end_distributed_run(end: Callable[[], None], wait_for_everyone: Callable[[],
     or communicating; `group` (default: the default group) is then kept referenced until the interpreter exits. Just
     calls `end` when no process group exists.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    global _ENDING
+    if _ENDING or not (dist.is_available() and dist.is_initialized()):
+        # Nested (`end_training` on a trainer whose own `end` comes here): the outer call meets, keeps and drains.
         end()
         return
     group = dist.group.WORLD if group is None else group
-    wait_for_everyone()
-    end()
+    _ENDING = True
+    try:
+        wait_for_everyone()
+        end()
+    finally:
+        _ENDING = False
     _KEPT_GROUPS.append(group)
     time.sleep(WORKER_DRAIN_SECONDS)  # the GIL is free: workers finish releasing their last works before exit
 

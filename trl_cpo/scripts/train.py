@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-import trl_cpo._trl_compat as _trl_compat
+from trl_cpo._trl_compat import ignore_in_ddp
 from trl_cpo.dataset_loading import drop_redundant_prompt, load_datasets, load_preference_dataset, split
 from trl_cpo.methods import METHODS as METHOD_TABLE
 from trl_cpo.methods import DPOBaselineConfig, Method
@@ -256,7 +256,7 @@ def train(script_args, training_args, model_args, dataset_args):
         import torch
 
         # DDP cannot broadcast boolean buffers (e.g. causal masks of some architectures).
-        _trl_compat.ignore_in_ddp(
+        ignore_in_ddp(
             trainer.model, [name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool]
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import trl_cpo._trl_compat as _trl_compat
+from trl_cpo._trl_compat import TOKENIZED_COLUMNS
 from trl_cpo.fingerprint import ReferenceFingerprint, reference_fingerprint
 from trl_cpo.pair_checks import PreferenceDataError
 from trl_cpo.reference import ReferenceLogps
@@ -86,7 +86,7 @@ def score(settings: AuditSettings, dataset) -> Scored:
     if max_length is not None:
         truncated = sum(
             len(p) + max(len(c), len(r)) > max_length
-            for p, c, r in zip(*(prepared[column] for column in _trl_compat.TOKENIZED_COLUMNS))
+            for p, c, r in zip(*(prepared[column] for column in TOKENIZED_COLUMNS))
         )
     return Scored(
         reference=trainer.train_reference_logps,

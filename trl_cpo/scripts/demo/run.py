@@ -70,13 +70,6 @@ def _bar(total: int, desc: str, disable: bool):
 # -- training -----------------------------------------------------------------------------------------------------------
 
 
-def _report_text(printed: str) -> str | None:
-    """The reference report as the trainer printed it, without the line before it that says where the reference
-    log-probs came from (computed, or read from the reference store at a path of this machine)."""
-    start = printed.find("Reference report (")
-    return printed[start:].strip() if start >= 0 else None
-
-
 def _trainer_name(trainer) -> str:
     cls = type(trainer)
     return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
@@ -88,10 +81,9 @@ def train_row(name, config, reference, tokenizer, train_dataset, held_out: HeldO
 
     history: list[dict] = []
     start = time.perf_counter()
-    printed = io.StringIO()
-    # The trainers print the reference report at their precompute; it is kept (and shown once) rather than printed
-    # once per row and seed.
-    with contextlib.redirect_stdout(printed):
+    # The trainers print the reference report at their precompute; it is kept (`printed_report`: the same
+    # `format_table()`, shown once) rather than printed once per row and seed.
+    with contextlib.redirect_stdout(io.StringIO()):
         trainer = make_trainer(name, copy.deepcopy(reference), config, train_dataset, tokenizer)
         if hasattr(trainer, "precompute_reference"):  # CPO / E-CPOC: compute (and print) it now, not in train()
             trainer.precompute_reference()
@@ -148,7 +140,7 @@ def train_row(name, config, reference, tokenizer, train_dataset, held_out: HeldO
             if "loss" in entry
         ],
         "reference_report": None if trainer_report is None else trainer_report.to_dict(),
-        "printed_report": _report_text(printed.getvalue()),
+        "printed_report": None if trainer_report is None else trainer_report.format_table(),
         "timing_seconds": round(time.perf_counter() - start, 2),
     }
 
